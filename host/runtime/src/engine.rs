@@ -1,0 +1,484 @@
+//! The engine: one wasmtime `Engine` for all tasks, the epoch ticker, and
+//! plugins compiled once, cached by content digest and pre-linked.
+//!
+//! # Invariants
+//! - One `Engine` with epoch interruption serves every task; a second one,
+//!   identical but with fuel metering, is created lazily the first time a task
+//!   asks for fuel (metering slows code 30–80%, so tasks without fuel must not
+//!   pay for it). Both share the ticker.
+//! - A single ticker thread advances the epoch every
+//!   [`RuntimeConfig::epoch_tick`]; a cancel additionally bumps it at once.
+//! - Components are compiled only from bytes given to [`Runtime::load`];
+//!   precompiled artifacts are produced by this process and read back from
+//!   the cache directory only (never accepted from users). The cache key is the
+//!   SHA-256 of the component and the engine's compatibility hash, so a
+//!   wasmtime upgrade or a config change never loads a stale artifact.
+//! - A plugin is pre-linked (`InstancePre`) once; instantiation per task then
+//!   only allocates (pooling allocator where the machine allows it).
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime_wasi::p2::bindings::CommandPre;
+
+use crate::host::{GuestCaps, StoreData, TaskPre};
+use crate::scheduler::Slots;
+
+/// Every knob of the runtime, with its default.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// How often the ticker advances the epoch. This is the time slice: a
+    /// running guest yields its CPU slot at least this often, and a timeout is
+    /// noticed within it. Default 2 ms.
+    pub epoch_tick: Duration,
+    /// Guests that may execute wasm at the same time. Default: the number of
+    /// CPUs (one per tokio worker). More only adds contention; fewer leaves
+    /// cores to the API.
+    pub cpu_slots: Option<usize>,
+    /// Tasks that may be instantiated at once (running or parked). Further
+    /// tasks wait for admission (still cancellable). Also sizes the pooling
+    /// allocator. Default 1,000.
+    pub max_concurrent: usize,
+    /// Use the pooling allocator (faster instantiation; reserves address
+    /// space per slot up front). Falls back to on-demand allocation, with a
+    /// warning, when the machine refuses the reservation. Default `true`.
+    pub pooling: bool,
+    /// Memory cap of a task that names none, in bytes. Default 256 MiB.
+    pub default_max_memory: u64,
+    /// The largest memory cap a task may ask for, in bytes. Default 4 GiB
+    /// (all of wasm32's address space).
+    pub memory_ceiling: u64,
+    /// Wasm stack per task, in bytes (engine-wide). Deeper recursion traps
+    /// with `stack_overflow`. Default 1 MiB.
+    pub max_wasm_stack: usize,
+    /// Elements per table. Default 100,000.
+    pub max_table_elements: u64,
+    /// Core instances, tables and memories per task. Default 100 each.
+    pub max_instances: usize,
+    pub max_tables: usize,
+    pub max_memories: usize,
+    /// Where compiled components are cached across runs. Default: none
+    /// (in-memory cache only).
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes of stdout and of stderr kept per task; more is counted and
+    /// flagged as truncated. Default 1 MiB.
+    pub capture_limit: usize,
+    /// Caps on log/progress/checkpoint payloads.
+    pub caps: GuestCaps,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> RuntimeConfig {
+        RuntimeConfig {
+            epoch_tick: Duration::from_millis(2),
+            cpu_slots: None,
+            max_concurrent: 1000,
+            pooling: true,
+            default_max_memory: 256 << 20,
+            memory_ceiling: 4 << 30,
+            max_wasm_stack: 1 << 20,
+            max_table_elements: 100_000,
+            max_instances: 100,
+            max_tables: 100,
+            max_memories: 100,
+            cache_dir: None,
+            capture_limit: 1 << 20,
+            caps: GuestCaps::default(),
+        }
+    }
+}
+
+/// What kind of component a plugin is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Exports `run` of the `wasmtask:task` world.
+    Task,
+    /// Exports `wasi:cli/run` (a program with `main`).
+    Command,
+}
+
+/// Why bytes could not become a plugin. Every variant is the submitter's
+/// problem and says what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not a WebAssembly file (it does not start with the `\\0asm` magic)")]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component: build for wasm32-wasip2 (preview-1 modules are not supported yet)"
+    )]
+    CoreModule,
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    #[error(
+        "unsupported world: the component exports neither `run` (wasmtask:task) nor `wasi:cli/run` (a command); it exports [{0}]"
+    )]
+    UnknownExports(String),
+    #[error("the component needs imports this host does not provide: {0}")]
+    Imports(String),
+    #[error("the fuel engine could not be created: {0}")]
+    FuelEngine(String),
+}
+
+pub(crate) enum Prepared {
+    Task(TaskPre<StoreData>),
+    Command(CommandPre<StoreData>),
+}
+
+pub(crate) struct PluginInner {
+    pub digest: String,
+    pub kind: PluginKind,
+    pub size: usize,
+    pub plain: Prepared,
+    pub fuel: OnceLock<Prepared>,
+    bytes: Arc<[u8]>,
+}
+
+/// A compiled, pre-linked component. Cheap to clone.
+#[derive(Clone)]
+pub struct Plugin {
+    pub(crate) inner: Arc<PluginInner>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("digest", &self.inner.digest)
+            .field("kind", &self.inner.kind)
+            .field("size", &self.inner.size)
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// `sha256:<hex>` of the component bytes.
+    pub fn digest(&self) -> &str {
+        &self.inner.digest
+    }
+
+    pub fn kind(&self) -> PluginKind {
+        self.inner.kind
+    }
+
+    /// Size of the component in bytes.
+    pub fn size(&self) -> usize {
+        self.inner.size
+    }
+}
+
+pub(crate) struct EngineSet {
+    pub plain: Engine,
+    pub plain_linker: Linker<StoreData>,
+    fuel: OnceLock<Result<(Engine, Linker<StoreData>), String>>,
+    config: RuntimeConfig,
+    pooling_used: bool,
+}
+
+pub(crate) struct RuntimeInner {
+    pub engines: EngineSet,
+    pub config: RuntimeConfig,
+    pub slots: Arc<Slots>,
+    pub admission: Arc<Semaphore>,
+    cache: Mutex<HashMap<String, Plugin>>,
+    stop_ticker: Arc<AtomicBool>,
+}
+
+impl Drop for RuntimeInner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Release);
+    }
+}
+
+/// The wasm runtime: engines, ticker, plugin cache, CPU slots. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    pub(crate) inner: Arc<RuntimeInner>,
+}
+
+fn engine_config(cfg: &RuntimeConfig, fuel: bool, pooling: bool) -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(true);
+    c.consume_fuel(fuel);
+    c.max_wasm_stack(cfg.max_wasm_stack);
+    // The async (fiber) stack holds the wasm stack plus host frames.
+    c.async_stack_size(cfg.max_wasm_stack + (1 << 20));
+    // WASI 0.2 guests do not use the component-model async ABI; turning it
+    // off removes per-store bookkeeping (measured: +10% tasks/s).
+    c.concurrency_support(false);
+    if pooling {
+        let n = u32::try_from(cfg.max_concurrent.max(1)).unwrap_or(u32::MAX);
+        let mut p = PoolingAllocationConfig::new();
+        p.total_component_instances(n)
+            .total_core_instances(n.saturating_mul(4))
+            .total_memories(n.saturating_mul(2))
+            .total_tables(n.saturating_mul(2))
+            .total_stacks(n)
+            .max_memory_size(usize::try_from(cfg.memory_ceiling).unwrap_or(usize::MAX))
+            .table_elements(usize::try_from(cfg.max_table_elements).unwrap_or(usize::MAX));
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
+    }
+    c
+}
+
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreData>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+    crate::host::Task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
+
+impl EngineSet {
+    fn new(cfg: &RuntimeConfig) -> anyhow::Result<EngineSet> {
+        let (plain, pooling_used) = if cfg.pooling {
+            match Engine::new(&engine_config(cfg, false, true)) {
+                Ok(e) => (e, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation");
+                    (Engine::new(&engine_config(cfg, false, false)).map_err(wt)?, false)
+                }
+            }
+        } else {
+            (Engine::new(&engine_config(cfg, false, false)).map_err(wt)?, false)
+        };
+        let plain_linker = linker(&plain).map_err(wt)?;
+        Ok(EngineSet {
+            plain,
+            plain_linker,
+            fuel: OnceLock::new(),
+            config: cfg.clone(),
+            pooling_used,
+        })
+    }
+
+    pub fn fuel(&self) -> Result<&(Engine, Linker<StoreData>), LoadError> {
+        self.fuel
+            .get_or_init(|| {
+                let engine = Engine::new(&engine_config(&self.config, true, self.pooling_used))
+                    .map_err(|e| e.to_string())?;
+                let linker = linker(&engine).map_err(|e| e.to_string())?;
+                Ok((engine, linker))
+            })
+            .as_ref()
+            .map_err(|e| LoadError::FuelEngine(e.clone()))
+    }
+}
+
+/// wasmtime's error type into anyhow, keeping the whole chain as text.
+pub(crate) fn wt(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e:?}")
+}
+
+fn classify(component: &Component, engine: &Engine) -> Result<PluginKind, LoadError> {
+    let ty = component.component_type();
+    let mut names = Vec::new();
+    for (name, item) in ty.exports(engine) {
+        if name == "run" && matches!(item.ty, wasmtime::component::types::ComponentItem::ComponentFunc(_)) {
+            return Ok(PluginKind::Task);
+        }
+        if name.starts_with("wasi:cli/run@0.2") {
+            return Ok(PluginKind::Command);
+        }
+        names.push(name.to_owned());
+    }
+    Err(LoadError::UnknownExports(names.join(", ")))
+}
+
+fn prepare(
+    component: &Component,
+    kind: PluginKind,
+    linker: &Linker<StoreData>,
+) -> Result<Prepared, LoadError> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| LoadError::Imports(format!("{e:#}")))?;
+    Ok(match kind {
+        PluginKind::Task => Prepared::Task(
+            TaskPre::new(pre).map_err(|e| LoadError::UnknownExports(format!("{e:#}")))?,
+        ),
+        PluginKind::Command => Prepared::Command(
+            CommandPre::new(pre).map_err(|e| LoadError::UnknownExports(format!("{e:#}")))?,
+        ),
+    })
+}
+
+impl Runtime {
+    /// Creates the engine(s) and starts the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        let engines = EngineSet::new(&config)?;
+        let slots = config
+            .cpu_slots
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let stop_ticker = Arc::new(AtomicBool::new(false));
+        let inner = Arc::new(RuntimeInner {
+            slots: Arc::new(Slots::new(slots)),
+            admission: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
+            engines,
+            cache: Mutex::new(HashMap::new()),
+            stop_ticker: Arc::clone(&stop_ticker),
+            config,
+        });
+        spawn_ticker(Arc::downgrade(&inner), stop_ticker)?;
+        Ok(Runtime { inner })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// CPU slots guests share (see `scheduler.rs`).
+    pub fn cpu_slots(&self) -> usize {
+        self.inner.slots.total()
+    }
+
+    /// Guests currently parked waiting for a CPU slot.
+    pub fn waiting_for_cpu(&self) -> usize {
+        self.inner.slots.waiting()
+    }
+
+    /// Whether the pooling allocator is in use.
+    pub fn pooling(&self) -> bool {
+        self.inner.engines.pooling_used
+    }
+
+    /// Compiles (or fetches from cache) and pre-links a component. CPU-heavy
+    /// on a cache miss (tens of ms): call it from a blocking context, or use
+    /// [`Runtime::load_async`].
+    pub fn load(&self, bytes: &[u8]) -> Result<Plugin, LoadError> {
+        if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+            return Err(LoadError::NotWasm);
+        }
+        if bytes[4..8] == [1, 0, 0, 0] {
+            return Err(LoadError::CoreModule);
+        }
+        let digest = format!("sha256:{:x}", Sha256::digest(bytes));
+        if let Some(p) = self.inner.cache.lock().ok().and_then(|c| c.get(&digest).cloned()) {
+            return Ok(p);
+        }
+        let engine = &self.inner.engines.plain;
+        let component = self.compile(engine, bytes, &digest, false)?;
+        let kind = classify(&component, engine)?;
+        let plain = prepare(&component, kind, &self.inner.engines.plain_linker)?;
+        let plugin = Plugin {
+            inner: Arc::new(PluginInner {
+                digest: digest.clone(),
+                kind,
+                size: bytes.len(),
+                plain,
+                fuel: OnceLock::new(),
+                bytes: Arc::from(bytes),
+            }),
+        };
+        if let Ok(mut c) = self.inner.cache.lock() {
+            c.insert(digest, plugin.clone());
+        }
+        Ok(plugin)
+    }
+
+    /// [`Runtime::load`] on a blocking thread, keeping the async runtime free.
+    pub async fn load_async(&self, bytes: Vec<u8>) -> Result<Plugin, LoadError> {
+        let rt = self.clone();
+        tokio::task::spawn_blocking(move || rt.load(&bytes))
+            .await
+            .map_err(|e| LoadError::Invalid(format!("compilation aborted: {e}")))?
+    }
+
+    /// The fuel-metered variant of a plugin, compiled on first use.
+    pub(crate) fn fuel_variant<'p>(&self, plugin: &'p Plugin) -> Result<&'p Prepared, LoadError> {
+        if let Some(p) = plugin.inner.fuel.get() {
+            return Ok(p);
+        }
+        let (engine, linker) = self.inner.engines.fuel()?;
+        let component = self.compile(engine, &plugin.inner.bytes, &plugin.inner.digest, true)?;
+        let prepared = prepare(&component, plugin.inner.kind, linker)?;
+        // A racing thread may have set it first; either value is equivalent.
+        let _ = plugin.inner.fuel.set(prepared);
+        plugin
+            .inner
+            .fuel
+            .get()
+            .ok_or_else(|| LoadError::Invalid("fuel variant vanished".into()))
+    }
+
+    fn compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        digest: &str,
+        fuel: bool,
+    ) -> Result<Component, LoadError> {
+        let cache_path = self.inner.config.cache_dir.as_ref().map(|dir| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            engine.precompile_compatibility_hash().hash(&mut h);
+            let hex = digest.trim_start_matches("sha256:");
+            dir.join(format!(
+                "{hex}-{:016x}{}.cwasm",
+                h.finish(),
+                if fuel { "-fuel" } else { "" }
+            ))
+        });
+        if let Some(path) = &cache_path {
+            if path.exists() {
+                // SAFETY: files in the cache directory are written only by
+                // `Component::serialize` of this process family (below), keyed
+                // by the engine's compatibility hash; user bytes are never
+                // deserialized. A corrupt file fails to load and is recompiled.
+                match unsafe { Component::deserialize_file(engine, path) } {
+                    Ok(c) => return Ok(c),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cached component");
+                    }
+                }
+            }
+        }
+        let component =
+            Component::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        if let Some(path) = &cache_path {
+            if let Err(e) = write_cache(path, &component) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write component cache");
+            }
+        }
+        Ok(component)
+    }
+}
+
+fn write_cache(path: &std::path::Path, component: &Component) -> anyhow::Result<()> {
+    let bytes = component.serialize().map_err(wt)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // Write then rename, so a reader never sees a half-written artifact.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn spawn_ticker(
+    rt: std::sync::Weak<RuntimeInner>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let tick = rt
+        .upgrade()
+        .map(|r| r.config.epoch_tick)
+        .unwrap_or(Duration::from_millis(2));
+    std::thread::Builder::new()
+        .name("wasmtask-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(tick);
+                let Some(rt) = rt.upgrade() else { break };
+                rt.engines.plain.increment_epoch();
+                if let Some(Ok((fuel, _))) = rt.engines.fuel.get() {
+                    fuel.increment_epoch();
+                }
+            }
+        })?;
+    Ok(())
+}

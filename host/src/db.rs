@@ -1,0 +1,595 @@
+//! The database layer: plugins, runs, tasks, cancel records and the event
+//! trail, stored durably in one SQLite file.
+//!
+//! # Model and invariants
+//!
+//! - **One writer.** A dedicated OS thread ([`writer`]) owns the only
+//!   read-write connection. Callers send it a job over a bounded channel and
+//!   await a `oneshot` reply; nothing here blocks a tokio worker thread.
+//! - **Group commit.** The writer drains every queued job (up to
+//!   [`writer::MAX_BATCH`]) into ONE `BEGIN IMMEDIATE` transaction. Each job
+//!   runs inside its own `SAVEPOINT`, so a job that fails rolls back only its
+//!   own changes; the others in the batch still commit. Replies are sent only
+//!   after `COMMIT` returned, so **anything acknowledged is durable**.
+//!   Jobs in one batch run in arrival order and see each other's effects, so
+//!   the batch is equivalent to running them one by one.
+//! - **Races are decided in one transaction.** `mark_started`,
+//!   `request_cancel`, `finish` and `recover` each read the current row and
+//!   decide inside the writer's transaction, so two of them can never
+//!   interleave: a completion committed before a cancel stays `succeeded`; a
+//!   cancel recorded first turns a later `failed`/`timed_out` into `canceled`.
+//! - **Lifecycle events share the transaction of the change they announce.**
+//!   `task.queued`, `task.started`, `task.cancel_requested`,
+//!   `task.cancel_acknowledged`, `task.cancel_forced` and the terminal events
+//!   are written only by this module, next to the state change; callers may
+//!   not append them through [`Db::append_events`]. A reader therefore never
+//!   sees a terminal state without its event, nor the reverse.
+//! - **Reads run beside the writer.** WAL mode lets readers see the last
+//!   committed state while the writer works. Reads run on
+//!   `tokio::task::spawn_blocking` with a small pool of read-only
+//!   connections ([`readers`]). A task row and its cancel record are read in
+//!   one statement (a join), so they are always consistent with each other.
+//! - **One row per task** holds its *current* attempt. `mark_started` clears
+//!   the previous attempt's outcome fields; the event trail keeps the history.
+//! - A terminal state never changes again: `finish` on a terminal task returns
+//!   it unchanged, and progress/checkpoint events for it are stored as events
+//!   but no longer touch the row.
+//!
+//! # Durability: WAL with `synchronous = NORMAL`
+//!
+//! The product promise (DESIGN §7) is that *an abrupt kill of the process
+//! loses no acknowledged submission*. In WAL mode a commit appends the
+//! transaction to the `-wal` file with `write(2)` before `COMMIT` returns;
+//! with `synchronous = NORMAL` SQLite skips the `fsync` at each commit and
+//! syncs only at checkpoints. Once `write(2)` returned, the data is in the
+//! kernel's page cache, which survives the death of the process (SIGKILL, OOM
+//! kill, abort): the next open replays the WAL. So a process kill loses
+//! nothing that was acknowledged. What `NORMAL` does **not** survive is a
+//! power loss or kernel crash: the last transactions before it may be rolled
+//! back (the database stays consistent, never corrupt). Operators who need
+//! that guarantee set [`DbOptions::power_safe`], which selects
+//! `synchronous = FULL` (an `fsync` of the WAL per commit — per *batch*,
+//! thanks to group commit, so the cost is shared by every job in it).
+//!
+//! # Errors
+//!
+//! This is a library boundary, so errors are typed ([`DbError`]): callers map
+//! `TaskNotFound` to 404, `CancelNotRequested`/`NotTerminal` to programming
+//! errors, and everything else to 500, without parsing messages. Outcomes that
+//! are not errors for the caller (a cancel of a finished task, a start of a
+//! canceled task) are variants of [`CancelDecision`] and [`StartDecision`].
+//!
+//! # Cancellation safety
+//!
+//! Dropping the future of a write after it was queued does not undo the
+//! write: the job still runs and commits; only the reply is lost.
+
+mod events;
+mod ids;
+mod plugins;
+mod readers;
+mod schema;
+mod tasks;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{
+    Event, Finish, NewEvent, PluginKind, TaskRecord, TaskSpec, TaskState, UnixMillis,
+};
+
+pub use events::{MAX_EVENT_DATA_BYTES, MAX_EVENT_MESSAGE_BYTES, MAX_EVENTS_PAGE};
+pub use ids::new_task_id;
+pub use tasks::{DEFAULT_TASKS_PAGE, MAX_PARTIAL_OUTPUT_BYTES, MAX_TASKS_PAGE};
+pub use writer::MAX_BATCH;
+
+/// Errors of the database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("task {0} not found")]
+    TaskNotFound(String),
+    #[error("task {0} already exists")]
+    TaskExists(String),
+    #[error("plugin {0} not found")]
+    PluginNotFound(String),
+    #[error("run {0} not found")]
+    RunNotFound(String),
+    #[error("run {0} already exists")]
+    RunExists(String),
+    /// `finish` was asked to end a task as `canceled` although no cancel was
+    /// recorded: the caller must `request_cancel` first, so the cancel record
+    /// (who, why) exists.
+    #[error("task {0} cannot finish as canceled: no cancel was requested")]
+    CancelNotRequested(String),
+    /// `finish` was given a state that is not terminal.
+    #[error("task {id} cannot finish in state {state}: not a terminal state")]
+    NotTerminal { id: String, state: TaskState },
+    /// `append_events` was given an event that only the database writes,
+    /// together with the state change it announces.
+    #[error("event {kind} is written by the database itself and cannot be appended")]
+    ReservedEvent { kind: &'static str },
+    /// The paging cursor names a task that does not exist.
+    #[error("cursor task {0} not found")]
+    BadCursor(String),
+    #[error("cannot create database directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    /// The database refused WAL mode (e.g. an in-memory database).
+    #[error("database {path} cannot use WAL mode (journal mode is {mode})")]
+    NoWal { path: PathBuf, mode: String },
+    /// The file was migrated by a newer build of wasmtask.
+    #[error("database schema version {found} is newer than this build supports ({supported})")]
+    SchemaTooNew { found: i64, supported: i64 },
+    /// A stored value cannot be decoded (hand-edited or written by a newer build).
+    #[error("stored {what} of {id} is invalid: {detail}")]
+    Corrupt {
+        id: String,
+        what: &'static str,
+        detail: String,
+    },
+    #[error("cannot encode {what} as json: {source}")]
+    Encode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The batch transaction this write was part of failed as a whole (at
+    /// `COMMIT`, or SQLite rolled it back after an I/O error or a full disk):
+    /// the write was not stored.
+    #[error("the write transaction failed: {0}")]
+    TransactionFailed(String),
+    /// A database job panicked; its changes were rolled back.
+    #[error("a database job panicked")]
+    JobPanicked,
+    #[error("cannot start the database writer thread: {0}")]
+    WriterThread(std::io::Error),
+    /// The writer thread is gone (it only stops when every `Db` is dropped,
+    /// so this means a bug or a process shutting down).
+    #[error("the database writer has stopped")]
+    WriterStopped,
+    /// A blocking read task could not run or panicked.
+    #[error("a database read failed to run: {0}")]
+    ReadTask(String),
+}
+
+/// Result of the database layer.
+pub type Result<T, E = DbError> = std::result::Result<T, E>;
+
+/// Knobs of the database. `Default` is what `wasmtask serve` uses.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// `false` (default): `synchronous = NORMAL` — survives a process kill,
+    /// may lose the last commits on power loss (see the module docs).
+    /// `true`: `synchronous = FULL` — one `fsync` per committed batch, survives
+    /// power loss too, at the cost of commit latency (one disk flush).
+    pub power_safe: bool,
+    /// How long a connection waits for a lock held by another connection or
+    /// process before failing with `SQLITE_BUSY`. Default 5 s. Inside one
+    /// process only the writer takes write locks, so this matters when a second
+    /// process (e.g. `wasmtask run` beside a server) shares the file.
+    pub busy_timeout: Duration,
+    /// Read connections kept open for reuse. Default 4. More concurrent reads
+    /// than this still run: each opens a temporary connection (a few hundred
+    /// microseconds), which is closed afterwards instead of being kept.
+    pub max_idle_readers: usize,
+    /// Writes that may wait for the writer before `send` makes callers wait
+    /// (backpressure). Default 4096 jobs. At the limit callers await a free
+    /// slot; nothing is dropped.
+    pub write_queue: usize,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            power_safe: false,
+            busy_timeout: Duration::from_secs(5),
+            max_idle_readers: 4,
+            write_queue: 4096,
+        }
+    }
+}
+
+/// A stored plugin: a component known by its content digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRow {
+    /// Content digest of the component bytes, lowercase hex.
+    pub id: String,
+    pub name: String,
+    pub kind: PluginKind,
+    pub size_bytes: u64,
+    pub created_at: UnixMillis,
+}
+
+/// A run to create: a group of tasks that can be aborted together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRun {
+    pub id: String,
+    pub name: Option<String>,
+    pub created_at: UnixMillis,
+}
+
+/// A stored run (minimal for now: a later change adds run states and aborts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRow {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `running` from creation on (the only state so far).
+    pub state: String,
+    pub created_at: UnixMillis,
+    pub finished_at: Option<UnixMillis>,
+}
+
+/// A task to insert in state `queued`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Usually [`new_task_id`].
+    pub id: String,
+    /// Must name a stored plugin.
+    pub plugin_id: String,
+    pub plugin_name: String,
+    pub plugin_kind: PluginKind,
+    /// Must name a stored run when set.
+    pub run_id: Option<String>,
+    pub spec: TaskSpec,
+    /// Attempts allowed, at least 1 (0 is stored as 1). A task interrupted by
+    /// a host restart is re-queued while `attempt < max_attempts`.
+    pub max_attempts: u32,
+    pub queued_at: UnixMillis,
+}
+
+/// A cancel as asked by a user, a signal or a disconnecting client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelRequest {
+    /// Who asks (`cli`, `signal:SIGINT`, `api:<token>`, …). Capped at
+    /// [`MAX_ACTOR_BYTES`].
+    pub actor: String,
+    /// Why, for humans. Capped at [`MAX_REASON_BYTES`].
+    pub reason: String,
+    /// Grace before a forced stop (the caller resolves the task's default).
+    pub grace_ms: u64,
+    pub requested_at: UnixMillis,
+}
+
+/// Longest stored cancel actor, in bytes (longer ones are cut at a character boundary).
+pub const MAX_ACTOR_BYTES: usize = 256;
+/// Longest stored cancel reason, in bytes (longer ones are cut at a character boundary).
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// What `mark_started` decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartDecision {
+    /// The task was `queued` and is now `running` (attempt incremented).
+    Started(TaskRecord),
+    /// The task is no longer `queued` (typically canceled before it started):
+    /// it must not run. The record is unchanged.
+    NotStartable(TaskRecord),
+}
+
+/// What `request_cancel` decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelDecision {
+    /// No task has this id.
+    NotFound,
+    /// The task had already ended; the record is unchanged.
+    AlreadyFinished(TaskRecord),
+    /// The task was `queued`: it is now `canceled` and will never start.
+    CanceledBeforeStart(TaskRecord),
+    /// The task is running and now (or already) `cancel_requested`; the
+    /// executor must stop it. `record.cancel` is the stored cancel record.
+    Requested {
+        record: TaskRecord,
+        /// This request created the cancel record (`false`: a repeat, which
+        /// returns the stored record — original actor, reason, requested_at).
+        first: bool,
+        /// A repeat asked for a shorter grace than stored: the stored
+        /// `grace_ms` was lowered to it (e.g. 0 = force now), and the executor
+        /// must apply the new deadline.
+        escalated: bool,
+    },
+}
+
+/// Which tasks `list_tasks` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    pub state: Option<TaskState>,
+    pub run_id: Option<String>,
+    /// Plugin name.
+    pub plugin: Option<String>,
+    /// Page size: default [`DEFAULT_TASKS_PAGE`], at most [`MAX_TASKS_PAGE`].
+    pub limit: Option<usize>,
+    /// Keyset cursor: the id of the last task of the previous page. The page
+    /// holds the tasks after it in listing order.
+    pub cursor: Option<String>,
+    /// List oldest first (queue order) instead of newest first.
+    pub oldest_first: bool,
+}
+
+/// What `recover` settled, by task id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Were `running`, had attempts left: back to `queued`.
+    pub requeued: Vec<String>,
+    /// Were `running`, no attempts left: `failed` with `host_restart`.
+    pub failed: Vec<String>,
+    /// Were `cancel_requested`: `canceled` (forced, reason `host_restart`).
+    pub canceled: Vec<String>,
+}
+
+/// Counters of the writer, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Transactions committed.
+    pub batches: u64,
+    /// Jobs in committed transactions (including jobs that failed and were
+    /// rolled back to their savepoint).
+    pub jobs: u64,
+    /// Transactions that failed as a whole.
+    pub failed_batches: u64,
+    /// Jobs waiting for the writer right now.
+    pub queued: usize,
+}
+
+/// Handle to the database. Cheap to clone; all clones share one writer and
+/// one read pool. The writer thread ends (after finishing queued jobs) when
+/// the last clone is dropped.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    writer: mpsc::Sender<Box<dyn writer::Job>>,
+    stats: Arc<writer::Stats>,
+    readers: Arc<readers::Readers>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db").field("path", &self.inner.path).finish()
+    }
+}
+
+impl Db {
+    /// Opens (creating it and its parent directories if needed) the database
+    /// at `path` with default [`DbOptions`], migrates it and starts the writer.
+    pub async fn open(path: &Path) -> Result<Db> {
+        Db::open_with(path, DbOptions::default()).await
+    }
+
+    /// [`Db::open`] with explicit options.
+    pub async fn open_with(path: &Path, options: DbOptions) -> Result<Db> {
+        let path = path.to_path_buf();
+        let opened = {
+            let path = path.clone();
+            let options = options.clone();
+            tokio::task::spawn_blocking(move || -> Result<Connection> {
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
+                        path: parent.to_path_buf(),
+                        source,
+                    })?;
+                }
+                let mut conn = schema::open_writer(&path, &options)?;
+                schema::migrate(&mut conn)?;
+                Ok(conn)
+            })
+            .await
+            .map_err(|e| DbError::ReadTask(e.to_string()))??
+        };
+        let stats = Arc::new(writer::Stats::default());
+        let sender = writer::spawn(opened, options.write_queue.max(1), stats.clone())?;
+        let readers = Arc::new(readers::Readers::new(path.clone(), &options));
+        Ok(Db {
+            inner: Arc::new(Inner {
+                writer: sender,
+                stats,
+                readers,
+                path,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Writer counters (group-commit batch sizes, queue depth).
+    pub fn write_stats(&self) -> WriteStats {
+        let queued = self.inner.writer.max_capacity() - self.inner.writer.capacity();
+        self.inner.stats.snapshot(queued)
+    }
+
+    /// Stores a plugin; an existing id (same content) takes the new name,
+    /// kind and size but keeps its `created_at`.
+    pub async fn upsert_plugin(&self, p: PluginRow) -> Result<()> {
+        self.write(move |conn| plugins::upsert(conn, &p)).await
+    }
+
+    /// A plugin by digest, or else the newest plugin with that name.
+    pub async fn get_plugin(&self, id_or_name: &str) -> Result<Option<PluginRow>> {
+        let key = id_or_name.to_owned();
+        self.read(move |conn| plugins::get(conn, &key)).await
+    }
+
+    /// All plugins, by name, newest first within a name.
+    pub async fn list_plugins(&self) -> Result<Vec<PluginRow>> {
+        self.read(plugins::list).await
+    }
+
+    /// Creates a run (state `running`) and its `run.created` event.
+    pub async fn insert_run(&self, run: NewRun) -> Result<RunRow> {
+        self.write(move |conn| plugins::insert_run(conn, &run)).await
+    }
+
+    pub async fn get_run(&self, id: &str) -> Result<Option<RunRow>> {
+        let id = id.to_owned();
+        self.read(move |conn| plugins::get_run(conn, &id)).await
+    }
+
+    /// Inserts a `queued` task and its `task.queued` event in one transaction.
+    /// When this returns, the submission is durable.
+    pub async fn insert_task(&self, t: NewTask) -> Result<TaskRecord> {
+        self.write(move |conn| tasks::insert(conn, &t)).await
+    }
+
+    /// `queued → running`: increments `attempt`, sets `started_at`, clears the
+    /// previous attempt's outcome and writes `task.started {attempt}`. A task
+    /// that is not `queued` (canceled before start, already running) is left
+    /// alone and returned as `NotStartable`: the caller must not run it.
+    pub async fn mark_started(&self, id: &str) -> Result<StartDecision> {
+        let id = id.to_owned();
+        self.write(move |conn| tasks::mark_started(conn, &id)).await
+    }
+
+    /// Records a cancel and decides what it means for the task, in one
+    /// transaction (see [`CancelDecision`]).
+    pub async fn request_cancel(&self, id: &str, req: CancelRequest) -> Result<CancelDecision> {
+        let id = id.to_owned();
+        self.write(move |conn| tasks::request_cancel(conn, &id, &req))
+            .await
+    }
+
+    /// Ends a task, deciding the race with a cancel in one transaction:
+    ///
+    /// - a terminal task is returned unchanged (idempotent);
+    /// - with a cancel recorded, `failed`/`timed_out` become `canceled` (the
+    ///   error stays in `error`), `succeeded` stays `succeeded` (the
+    ///   completion beat the cancel) and `canceled` stays;
+    /// - `canceled` without a recorded cancel is [`DbError::CancelNotRequested`];
+    /// - the cancel record gets `f.cancel_stopped`, or else stopped = finished,
+    ///   neither acknowledged nor forced.
+    ///
+    /// Writes `task.cancel_acknowledged` / `task.cancel_forced` when a cancel
+    /// stopped the guest, then the terminal event.
+    pub async fn finish(&self, id: &str, f: Finish) -> Result<TaskRecord> {
+        let id = id.to_owned();
+        self.write(move |conn| tasks::finish(conn, &id, &f)).await
+    }
+
+    /// Appends events in one transaction. `task.progress` events also set the
+    /// task's latest progress (`fraction`, `message`); `task.checkpoint`
+    /// events with a `partial_output` field set its partial output. Data is
+    /// bounded (see [`MAX_EVENT_DATA_BYTES`]). Task events without a `run_id`
+    /// get the task's. Lifecycle events are refused ([`DbError::ReservedEvent`]).
+    pub async fn append_events(&self, events: Vec<NewEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.write(move |conn| events::append(conn, events)).await
+    }
+
+    pub async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
+        let id = id.to_owned();
+        self.read(move |conn| tasks::load(conn, &id)).await
+    }
+
+    /// Tasks matching `filter`, newest first (by `queued_at`, then id) unless
+    /// `oldest_first`, one page at a time (keyset paging on `cursor`).
+    pub async fn list_tasks(&self, filter: TaskFilter) -> Result<Vec<TaskRecord>> {
+        self.read(move |conn| tasks::list(conn, &filter)).await
+    }
+
+    /// Events with `seq > after_seq`, oldest first, of one task or of all
+    /// (`task_id = None`); at most `limit` (capped at [`MAX_EVENTS_PAGE`]).
+    pub async fn events(
+        &self,
+        task_id: Option<&str>,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>> {
+        let task_id = task_id.map(str::to_owned);
+        self.read(move |conn| events::list_for_task(conn, task_id.as_deref(), after_seq, limit))
+            .await
+    }
+
+    /// Events of one run (its own and its tasks'), like [`Db::events`].
+    pub async fn run_events(&self, run_id: &str, after_seq: i64, limit: usize) -> Result<Vec<Event>> {
+        let run_id = run_id.to_owned();
+        self.read(move |conn| events::list_for_run(conn, &run_id, after_seq, limit))
+            .await
+    }
+
+    /// Settles what a previous process left behind, in one transaction:
+    /// `running` tasks are re-queued when `attempt < max_attempts`, else
+    /// `failed` with `host_restart`; `cancel_requested` tasks become
+    /// `canceled` (forced, reason `host_restart`) and never run again.
+    ///
+    /// Call it once at start-up, before dispatching, and only from the process
+    /// that executes this database's tasks: any task another live process is
+    /// running would be settled under its feet.
+    pub async fn recover(&self) -> Result<Recovery> {
+        self.write(tasks::recover).await
+    }
+
+    /// Runs `work` in the writer's transaction, inside its own savepoint, and
+    /// returns its result once the transaction committed.
+    async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, response) = oneshot::channel();
+        self.inner
+            .writer
+            .send(writer::job(work, reply))
+            .await
+            .map_err(|_| DbError::WriterStopped)?;
+        response.await.map_err(|_| DbError::WriterStopped)?
+    }
+
+    /// Runs `work` on a pooled read connection on a blocking thread.
+    async fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let readers = self.inner.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(work))
+            .await
+            .map_err(|e| DbError::ReadTask(e.to_string()))?
+    }
+}
+
+/// Stores a `u64` in an INTEGER column (SQLite integers are signed 64-bit);
+/// values beyond `i64::MAX` saturate.
+fn to_sql_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Reads a `u64` stored by [`to_sql_u64`]; negative values read as 0.
+fn from_sql_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary.
+fn truncate_utf8(s: &mut String, max: usize) -> bool {
+    if s.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    true
+}

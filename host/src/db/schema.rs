@@ -1,0 +1,179 @@
+//! Connection set-up and versioned schema migrations.
+//!
+//! `PRAGMA user_version` holds the number of [`MIGRATIONS`] applied. Opening
+//! applies the missing ones in order, inside one `BEGIN IMMEDIATE`
+//! transaction together with the new `user_version`, so a crash mid-migration
+//! leaves the previous version intact and two processes opening the same file
+//! at once migrate it only once. A file whose version is higher than this
+//! build knows is refused rather than misread.
+//!
+//! Migrations are append-only: a released step is never edited; a change
+//! is a new step at the end.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
+
+use super::{DbError, DbOptions, Result};
+
+/// Schema steps; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
+pub(super) const MIGRATIONS: &[&str] = &[V1];
+
+/// Version 1: plugins, runs, tasks, cancels and events.
+///
+/// Tables are STRICT, so a value of the wrong type is refused rather than
+/// stored. JSON is stored as TEXT. Booleans are 0/1 INTEGERs. `u64` values
+/// are stored as INTEGER (saturating at `i64::MAX`).
+const V1: &str = r#"
+CREATE TABLE plugins (
+    id          TEXT PRIMARY KEY,               -- content digest, lowercase hex
+    name        TEXT NOT NULL,
+    kind        TEXT NOT NULL CHECK (kind IN ('task', 'command')),
+    size_bytes  INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL
+) STRICT;
+CREATE INDEX plugins_by_name ON plugins (name, created_at);
+
+CREATE TABLE runs (
+    id          TEXT PRIMARY KEY,
+    name        TEXT,
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER
+) STRICT;
+
+-- One row per task, holding its current attempt.
+CREATE TABLE tasks (
+    id                  TEXT PRIMARY KEY,
+    plugin_id           TEXT NOT NULL REFERENCES plugins (id),
+    plugin_name         TEXT NOT NULL,
+    plugin_kind         TEXT NOT NULL CHECK (plugin_kind IN ('task', 'command')),
+    run_id              TEXT REFERENCES runs (id),
+    state               TEXT NOT NULL CHECK (state IN ('queued', 'running', 'cancel_requested',
+                            'succeeded', 'failed', 'timed_out', 'canceled')),
+    spec                TEXT NOT NULL,          -- model::TaskSpec as JSON
+    attempt             INTEGER NOT NULL DEFAULT 0,
+    max_attempts        INTEGER NOT NULL DEFAULT 1,
+    queued_at           INTEGER NOT NULL,
+    started_at          INTEGER,
+    cancel_requested_at INTEGER,
+    finished_at         INTEGER,
+    output              TEXT,                   -- JSON
+    partial_output      TEXT,                   -- JSON, latest checkpoint
+    progress_fraction   REAL,
+    progress_message    TEXT,
+    error_kind          TEXT,
+    error_detail        TEXT,
+    error_message       TEXT,
+    exit_code           INTEGER,
+    stdout              BLOB NOT NULL DEFAULT x'',
+    stdout_total        INTEGER NOT NULL DEFAULT 0,
+    stdout_truncated    INTEGER NOT NULL DEFAULT 0,
+    stderr              BLOB NOT NULL DEFAULT x'',
+    stderr_total        INTEGER NOT NULL DEFAULT 0,
+    stderr_truncated    INTEGER NOT NULL DEFAULT 0,
+    peak_memory_bytes   INTEGER NOT NULL DEFAULT 0,
+    fuel_consumed       INTEGER
+) STRICT;
+-- Listings are newest (or oldest) first by (queued_at, id), optionally
+-- filtered; each filter has an index ending in the sort key so a page is an
+-- index range scan.
+CREATE INDEX tasks_by_queued ON tasks (queued_at, id);
+CREATE INDEX tasks_by_state ON tasks (state, queued_at, id);
+CREATE INDEX tasks_by_run ON tasks (run_id, queued_at, id);
+CREATE INDEX tasks_by_plugin_name ON tasks (plugin_name, queued_at, id);
+
+-- At most one cancel per task (repeats are idempotent).
+CREATE TABLE cancels (
+    task_id      TEXT PRIMARY KEY REFERENCES tasks (id) ON DELETE CASCADE,
+    actor        TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    grace_ms     INTEGER NOT NULL,
+    requested_at INTEGER NOT NULL,
+    stopped_at   INTEGER,
+    acknowledged INTEGER NOT NULL DEFAULT 0,
+    forced       INTEGER NOT NULL DEFAULT 0,
+    latency_us   INTEGER
+) STRICT;
+
+-- AUTOINCREMENT: a seq is never reused, even after old events are deleted,
+-- so a client resuming a stream from its last seq never skips or repeats.
+CREATE TABLE events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT REFERENCES tasks (id) ON DELETE CASCADE,
+    run_id  TEXT REFERENCES runs (id) ON DELETE CASCADE,
+    kind    TEXT NOT NULL,
+    at      INTEGER NOT NULL,
+    data    TEXT NOT NULL                       -- JSON
+) STRICT;
+CREATE INDEX events_by_task ON events (task_id, seq);
+CREATE INDEX events_by_run ON events (run_id, seq);
+"#;
+
+/// Opens the read-write connection the writer thread owns: WAL, the chosen
+/// `synchronous` level, foreign keys on, busy timeout set.
+pub(super) fn open_writer(path: &Path, options: &DbOptions) -> Result<Connection> {
+    let open_err = |source| DbError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(options.busy_timeout).map_err(open_err)?;
+    // journal_mode answers with the mode in force: an in-memory database, for
+    // one, stays in "memory" mode, and the concurrency model needs WAL.
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(open_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(DbError::NoWal {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let synchronous = if options.power_safe { "FULL" } else { "NORMAL" };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(open_err)?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
+/// Opens a read-only connection. Read-only at the SQLite level, so a read
+/// path can never write by mistake.
+pub(super) fn open_reader(path: &Path, options: &DbOptions) -> Result<Connection> {
+    let open_err = |source| DbError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+    conn.busy_timeout(options.busy_timeout).map_err(open_err)?;
+    Ok(conn)
+}
+
+/// The schema version of the open database.
+pub(super) fn user_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA user_version", [], |row| row.get(0))?)
+}
+
+/// Applies the missing migrations; returns the version now in force.
+pub(super) fn migrate(conn: &mut Connection) -> Result<i64> {
+    let supported = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let found = user_version(&tx)?;
+    if found > supported {
+        return Err(DbError::SchemaTooNew { found, supported });
+    }
+    let applied = usize::try_from(found).unwrap_or(0);
+    for step in MIGRATIONS.iter().skip(applied) {
+        tx.execute_batch(step)?;
+    }
+    if found != supported {
+        tx.pragma_update(None, "user_version", supported)?;
+        tracing::info!(from = found, to = supported, "database schema migrated");
+    }
+    tx.commit()?;
+    Ok(supported)
+}

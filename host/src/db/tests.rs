@@ -1,0 +1,1149 @@
+//! Behaviour of the database layer, each test on a fresh file in a temporary
+//! directory.
+
+use std::collections::HashSet;
+
+use serde_json::json;
+use tempfile::TempDir;
+
+use super::*;
+use crate::model::{
+    CancelRecord, CancelStop, Captured, DirSpec, ErrorKind, EventKind, Limits, Progress,
+    TaskError, Usage, now_millis,
+};
+
+async fn open_temp() -> (TempDir, Db) {
+    let dir = tempfile::tempdir().unwrap();
+    // A nested path: open creates the missing directories.
+    let db = Db::open(&dir.path().join("nested/data/wasmtask.db")).await.unwrap();
+    (dir, db)
+}
+
+async fn add_plugin(db: &Db, name: &str) -> PluginRow {
+    let row = PluginRow {
+        id: format!("digest-of-{name}"),
+        name: name.to_owned(),
+        kind: PluginKind::Task,
+        size_bytes: 1234,
+        created_at: now_millis(),
+    };
+    db.upsert_plugin(row.clone()).await.unwrap();
+    row
+}
+
+fn new_task(plugin: &PluginRow) -> NewTask {
+    NewTask {
+        id: new_task_id(),
+        plugin_id: plugin.id.clone(),
+        plugin_name: plugin.name.clone(),
+        plugin_kind: plugin.kind,
+        run_id: None,
+        spec: TaskSpec::default(),
+        max_attempts: 1,
+        queued_at: now_millis(),
+    }
+}
+
+async fn queued(db: &Db, plugin: &PluginRow) -> TaskRecord {
+    db.insert_task(new_task(plugin)).await.unwrap()
+}
+
+async fn running(db: &Db, plugin: &PluginRow) -> TaskRecord {
+    let task = queued(db, plugin).await;
+    match db.mark_started(&task.id).await.unwrap() {
+        StartDecision::Started(task) => task,
+        other => panic!("not started: {other:?}"),
+    }
+}
+
+fn outcome(state: TaskState) -> Finish {
+    Finish {
+        state,
+        finished_at: now_millis(),
+        output: None,
+        partial_output: None,
+        progress: None,
+        error: None,
+        exit_code: None,
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+        usage: Usage::default(),
+        cancel_stopped: None,
+    }
+}
+
+fn failure(kind: ErrorKind, detail: &str) -> Option<TaskError> {
+    Some(TaskError {
+        kind,
+        detail: Some(detail.to_owned()),
+        message: format!("{detail} happened"),
+    })
+}
+
+fn cancel(actor: &str, grace_ms: u64) -> CancelRequest {
+    CancelRequest {
+        actor: actor.to_owned(),
+        reason: format!("asked by {actor}"),
+        grace_ms,
+        requested_at: now_millis(),
+    }
+}
+
+async fn event_kinds(db: &Db, task_id: &str) -> Vec<EventKind> {
+    db.events(Some(task_id), 0, MAX_EVENTS_PAGE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn last_event(db: &Db, task_id: &str) -> Event {
+    db.events(Some(task_id), 0, MAX_EVENTS_PAGE)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// Opening and migrations
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_are_idempotent_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wasmtask.db");
+    let latest = i64::try_from(schema::MIGRATIONS.len()).unwrap();
+
+    let db = Db::open(&path).await.unwrap();
+    assert_eq!(db.read(schema::user_version).await.unwrap(), latest);
+    let (mode, foreign_keys): (String, bool) = db
+        .write(|c| {
+            let mode = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            let fk = c.query_row("PRAGMA foreign_keys", [], |r| r.get(0))?;
+            Ok((mode, fk))
+        })
+        .await
+        .unwrap();
+    assert_eq!((mode.as_str(), foreign_keys), ("wal", true));
+    let plugin = add_plugin(&db, "echo").await;
+    let task = queued(&db, &plugin).await;
+    drop(db);
+
+    // A second open finds the schema current, applies nothing and keeps the data.
+    let db = Db::open(&path).await.unwrap();
+    assert_eq!(db.read(schema::user_version).await.unwrap(), latest);
+    assert_eq!(db.get_task(&task.id).await.unwrap(), Some(task));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_newer_than_the_build_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wasmtask.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 999).unwrap();
+    drop(conn);
+
+    match Db::open(&path).await {
+        Err(DbError::SchemaTooNew { found: 999, .. }) => {}
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Plugins, runs and inserts
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugins_are_found_by_digest_or_newest_name() {
+    let (_dir, db) = open_temp().await;
+    let old = PluginRow {
+        id: "aaaa".into(),
+        name: "echo".into(),
+        kind: PluginKind::Task,
+        size_bytes: 10,
+        created_at: 1_000,
+    };
+    let new = PluginRow {
+        id: "bbbb".into(),
+        name: "echo".into(),
+        kind: PluginKind::Command,
+        size_bytes: 20,
+        created_at: 2_000,
+    };
+    db.upsert_plugin(old.clone()).await.unwrap();
+    db.upsert_plugin(new.clone()).await.unwrap();
+
+    assert_eq!(db.get_plugin("aaaa").await.unwrap(), Some(old.clone()));
+    assert_eq!(db.get_plugin("echo").await.unwrap(), Some(new.clone()));
+    assert_eq!(db.get_plugin("nope").await.unwrap(), None);
+
+    // Same content under a new name: renamed, created_at kept.
+    let renamed = PluginRow {
+        name: "echo-v0".into(),
+        created_at: 9_000,
+        ..old.clone()
+    };
+    db.upsert_plugin(renamed).await.unwrap();
+    let stored = db.get_plugin("aaaa").await.unwrap().unwrap();
+    assert_eq!((stored.name.as_str(), stored.created_at), ("echo-v0", 1_000));
+    let names: Vec<String> = db
+        .list_plugins()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(names, ["bbbb", "aaaa"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insert_checks_plugin_run_and_id() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+
+    let mut t = new_task(&plugin);
+    t.plugin_id = "missing".into();
+    assert!(matches!(db.insert_task(t).await, Err(DbError::PluginNotFound(id)) if id == "missing"));
+
+    let mut t = new_task(&plugin);
+    t.run_id = Some("r_missing".into());
+    assert!(matches!(db.insert_task(t).await, Err(DbError::RunNotFound(_))));
+
+    let task = queued(&db, &plugin).await;
+    let mut again = new_task(&plugin);
+    again.id = task.id.clone();
+    assert!(matches!(db.insert_task(again).await, Err(DbError::TaskExists(_))));
+    assert_eq!(event_kinds(&db, &task.id).await, [EventKind::TaskQueued]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insert_then_get_round_trips_every_field() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let run = db
+        .insert_run(NewRun {
+            id: "r_1".into(),
+            name: Some("nightly".into()),
+            created_at: 5,
+        })
+        .await
+        .unwrap();
+    assert_eq!(run.state, "running");
+    assert_eq!(db.get_run("r_1").await.unwrap(), Some(run));
+
+    let spec = TaskSpec {
+        input: Some(json!({"n": 3, "words": ["a", "é"]})),
+        args: vec!["--fast".into()],
+        env: vec![("K".into(), "V".into())],
+        stdin: Some("line\n".into()),
+        dirs: vec![DirSpec {
+            host: "/tmp/ws".into(),
+            guest: "/ws".into(),
+            writable: true,
+        }],
+        limits: Limits {
+            timeout_ms: Some(5_000),
+            max_memory_bytes: Some(64 << 20),
+            fuel: Some(u64::MAX),
+        },
+        grace_ms: Some(250),
+    };
+    let new = NewTask {
+        id: new_task_id(),
+        plugin_id: plugin.id.clone(),
+        plugin_name: plugin.name.clone(),
+        plugin_kind: plugin.kind,
+        run_id: Some("r_1".into()),
+        spec: spec.clone(),
+        max_attempts: 3,
+        queued_at: 1_700_000_000_123,
+    };
+    let inserted = db.insert_task(new.clone()).await.unwrap();
+    let expected_queued = TaskRecord {
+        id: new.id.clone(),
+        plugin_id: plugin.id.clone(),
+        plugin_name: "echo".into(),
+        plugin_kind: PluginKind::Task,
+        state: TaskState::Queued,
+        run_id: Some("r_1".into()),
+        spec,
+        attempt: 0,
+        max_attempts: 3,
+        queued_at: 1_700_000_000_123,
+        started_at: None,
+        cancel_requested_at: None,
+        finished_at: None,
+        output: None,
+        partial_output: None,
+        progress: None,
+        error: None,
+        exit_code: None,
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+        usage: Usage::default(),
+        cancel: None,
+    };
+    assert_eq!(inserted, expected_queued);
+    assert_eq!(db.get_task(&new.id).await.unwrap(), Some(expected_queued.clone()));
+
+    let StartDecision::Started(started) = db.mark_started(&new.id).await.unwrap() else {
+        panic!("not started");
+    };
+    let started_at = started.started_at.unwrap();
+    let req = CancelRequest {
+        actor: "api:ops".into(),
+        reason: "deploy".into(),
+        grace_ms: 100,
+        requested_at: started_at + 1,
+    };
+    db.request_cancel(&new.id, req).await.unwrap();
+    let finish = Finish {
+        state: TaskState::Canceled,
+        finished_at: started_at + 3,
+        output: Some(json!({"partial": true})),
+        partial_output: Some(json!({"done": 2})),
+        progress: Some(Progress {
+            fraction: 0.5,
+            message: "halfway".into(),
+        }),
+        error: failure(ErrorKind::GuestError, "cancelled"),
+        exit_code: Some(-3),
+        stdout: Captured {
+            data: vec![b'o', b'k', 0xff, 0],
+            total_bytes: 4,
+            truncated: false,
+        },
+        stderr: Captured {
+            data: b"warn".to_vec(),
+            total_bytes: u64::MAX,
+            truncated: true,
+        },
+        usage: Usage {
+            peak_memory_bytes: 1 << 40,
+            fuel_consumed: Some(42),
+        },
+        cancel_stopped: Some(CancelStop {
+            stopped_at: started_at + 3,
+            acknowledged: true,
+            forced: false,
+            latency_us: 2_345,
+        }),
+    };
+    let finished = db.finish(&new.id, finish.clone()).await.unwrap();
+    let expected = TaskRecord {
+        state: TaskState::Canceled,
+        attempt: 1,
+        started_at: Some(started_at),
+        cancel_requested_at: Some(started_at + 1),
+        finished_at: Some(started_at + 3),
+        output: finish.output.clone(),
+        partial_output: finish.partial_output.clone(),
+        progress: finish.progress.clone(),
+        error: finish.error.clone(),
+        exit_code: Some(-3),
+        stdout: finish.stdout.clone(),
+        // u64::MAX does not fit SQLite's signed integers: it saturates.
+        stderr: Captured {
+            total_bytes: i64::MAX as u64,
+            ..finish.stderr.clone()
+        },
+        usage: finish.usage.clone(),
+        cancel: Some(CancelRecord {
+            actor: "api:ops".into(),
+            reason: "deploy".into(),
+            grace_ms: 100,
+            requested_at: started_at + 1,
+            stopped_at: Some(started_at + 3),
+            acknowledged: true,
+            forced: false,
+            latency_us: Some(2_345),
+        }),
+        ..expected_queued
+    };
+    assert_eq!(finished, expected);
+    assert_eq!(db.get_task(&new.id).await.unwrap(), Some(expected));
+    assert_eq!(
+        event_kinds(&db, &new.id).await,
+        [
+            EventKind::TaskQueued,
+            EventKind::TaskStarted,
+            EventKind::TaskCancelRequested,
+            EventKind::TaskCancelAcknowledged,
+            EventKind::TaskCanceled,
+        ]
+    );
+    // Task events carry the task's run, so a run's stream sees them.
+    let run_kinds: Vec<EventKind> = db
+        .run_events("r_1", 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(run_kinds.first(), Some(&EventKind::RunCreated));
+    assert_eq!(run_kinds.len(), 6);
+}
+
+// ---------------------------------------------------------------------------
+// Starting
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_happens_once_and_only_from_queued() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+    assert_eq!((task.state, task.attempt), (TaskState::Running, 1));
+    assert!(task.started_at.is_some());
+    assert_eq!(last_event(&db, &task.id).await.data, json!({"attempt": 1}));
+
+    match db.mark_started(&task.id).await.unwrap() {
+        StartDecision::NotStartable(again) => assert_eq!(again, task),
+        other => panic!("started twice: {other:?}"),
+    }
+    assert!(matches!(
+        db.mark_started("t_unknown").await,
+        Err(DbError::TaskNotFound(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// Cancel
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_of_a_queued_task_cancels_it_before_start() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = queued(&db, &plugin).await;
+    let req = cancel("cli", 1_000);
+
+    let CancelDecision::CanceledBeforeStart(record) =
+        db.request_cancel(&task.id, req.clone()).await.unwrap()
+    else {
+        panic!("not canceled before start");
+    };
+    assert_eq!(record.state, TaskState::Canceled);
+    assert!(record.finished_at.unwrap() >= req.requested_at);
+    assert_eq!(record.cancel_requested_at, Some(req.requested_at));
+    assert_eq!(
+        record.cancel,
+        Some(CancelRecord {
+            actor: "cli".into(),
+            reason: "asked by cli".into(),
+            grace_ms: 1_000,
+            requested_at: req.requested_at,
+            stopped_at: Some(req.requested_at),
+            acknowledged: false,
+            forced: false,
+            latency_us: Some(0),
+        })
+    );
+    assert_eq!(
+        event_kinds(&db, &task.id).await,
+        [
+            EventKind::TaskQueued,
+            EventKind::TaskCancelRequested,
+            EventKind::TaskCanceled
+        ]
+    );
+    // It never starts.
+    assert_eq!(
+        db.mark_started(&task.id).await.unwrap(),
+        StartDecision::NotStartable(record)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_of_a_running_task_is_recorded_once_and_escalates() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+    let first = cancel("api:alice", 5_000);
+
+    let CancelDecision::Requested {
+        record,
+        first: true,
+        escalated: false,
+    } = db.request_cancel(&task.id, first.clone()).await.unwrap()
+    else {
+        panic!("not requested");
+    };
+    assert_eq!(record.state, TaskState::CancelRequested);
+    assert_eq!(record.cancel_requested_at, Some(first.requested_at));
+    let stored = record.cancel.clone().unwrap();
+    assert_eq!(
+        (stored.actor.as_str(), stored.grace_ms, stored.stopped_at),
+        ("api:alice", 5_000, None)
+    );
+    assert_eq!(
+        last_event(&db, &task.id).await.data,
+        json!({"actor": "api:alice", "reason": "asked by api:alice", "grace_ms": 5_000})
+    );
+
+    // A repeat (even with a longer grace) returns the same record, unchanged.
+    let repeat = db
+        .request_cancel(&task.id, cancel("api:bob", 9_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        repeat,
+        CancelDecision::Requested {
+            record: record.clone(),
+            first: false,
+            escalated: false
+        }
+    );
+
+    // A repeat with a shorter grace lowers it and keeps who asked first.
+    let CancelDecision::Requested {
+        record: escalated,
+        first: false,
+        escalated: true,
+    } = db
+        .request_cancel(&task.id, cancel("api:bob", 0))
+        .await
+        .unwrap()
+    else {
+        panic!("not escalated");
+    };
+    assert_eq!(
+        escalated.cancel,
+        Some(CancelRecord {
+            grace_ms: 0,
+            ..stored
+        })
+    );
+    assert_eq!(escalated.cancel_requested_at, record.cancel_requested_at);
+    assert_eq!(
+        event_kinds(&db, &task.id).await,
+        [
+            EventKind::TaskQueued,
+            EventKind::TaskStarted,
+            EventKind::TaskCancelRequested,
+            EventKind::TaskCancelRequested,
+        ]
+    );
+    assert_eq!(last_event(&db, &task.id).await.data["escalated"], json!(true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_of_a_finished_or_unknown_task_changes_nothing() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+    let done = db
+        .finish(&task.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+    let events_before = event_kinds(&db, &task.id).await;
+
+    assert_eq!(
+        db.request_cancel(&task.id, cancel("cli", 0)).await.unwrap(),
+        CancelDecision::AlreadyFinished(done.clone())
+    );
+    assert_eq!(db.get_task(&task.id).await.unwrap(), Some(done));
+    assert_eq!(event_kinds(&db, &task.id).await, events_before);
+    assert_eq!(
+        db.request_cancel("t_unknown", cancel("cli", 0)).await.unwrap(),
+        CancelDecision::NotFound
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Finish
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finish_after_cancel_turns_failure_into_canceled() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+
+    for reported in [TaskState::Failed, TaskState::TimedOut] {
+        let task = running(&db, &plugin).await;
+        let req = cancel("cli", 0);
+        db.request_cancel(&task.id, req.clone()).await.unwrap();
+        let f = Finish {
+            error: failure(ErrorKind::Trap, "interrupt"),
+            cancel_stopped: Some(CancelStop {
+                stopped_at: req.requested_at,
+                acknowledged: false,
+                forced: true,
+                latency_us: 180,
+            }),
+            ..outcome(reported)
+        };
+        let done = db.finish(&task.id, f).await.unwrap();
+        assert_eq!(done.state, TaskState::Canceled, "reported {reported}");
+        // The original error stays.
+        assert_eq!(done.error, failure(ErrorKind::Trap, "interrupt"));
+        let stored = done.cancel.unwrap();
+        assert_eq!(
+            (stored.forced, stored.acknowledged, stored.latency_us),
+            (true, false, Some(180))
+        );
+        assert_eq!(
+            event_kinds(&db, &task.id).await[3..],
+            [EventKind::TaskCancelForced, EventKind::TaskCanceled]
+        );
+        let terminal = last_event(&db, &task.id).await.data;
+        assert_eq!(terminal["reported_state"], json!(reported.as_str()));
+        assert_eq!(terminal["error"]["kind"], json!("trap"));
+        assert_eq!(terminal["cancel"]["forced"], json!(true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finish_after_cancel_keeps_a_success() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+    let req = cancel("cli", 10_000);
+    db.request_cancel(&task.id, req.clone()).await.unwrap();
+
+    let f = Finish {
+        output: Some(json!(42)),
+        ..outcome(TaskState::Succeeded)
+    };
+    let done = db.finish(&task.id, f.clone()).await.unwrap();
+    assert_eq!(done.state, TaskState::Succeeded);
+    assert_eq!(done.output, Some(json!(42)));
+    let stored = done.cancel.unwrap();
+    assert_eq!(stored.stopped_at, Some(f.finished_at));
+    assert!(!stored.acknowledged && !stored.forced);
+    assert_eq!(
+        event_kinds(&db, &task.id).await[3..],
+        [EventKind::TaskSucceeded]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finish_is_idempotent() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+    let first = db
+        .finish(
+            &task.id,
+            Finish {
+                error: failure(ErrorKind::Trap, "unreachable"),
+                ..outcome(TaskState::Failed)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.state, TaskState::Failed);
+
+    let second = db
+        .finish(&task.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+    assert_eq!(second, first);
+    assert_eq!(
+        event_kinds(&db, &task.id).await,
+        [
+            EventKind::TaskQueued,
+            EventKind::TaskStarted,
+            EventKind::TaskFailed
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finish_refuses_what_it_cannot_record() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+
+    assert!(matches!(
+        db.finish(&task.id, outcome(TaskState::Canceled)).await,
+        Err(DbError::CancelNotRequested(_))
+    ));
+    assert!(matches!(
+        db.finish(&task.id, outcome(TaskState::Running)).await,
+        Err(DbError::NotTerminal { .. })
+    ));
+    assert!(matches!(
+        db.finish("t_unknown", outcome(TaskState::Succeeded)).await,
+        Err(DbError::TaskNotFound(_))
+    ));
+    // Nothing changed.
+    assert_eq!(db.get_task(&task.id).await.unwrap(), Some(task));
+}
+
+// ---------------------------------------------------------------------------
+// Recovery
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recover_settles_what_a_dead_process_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wasmtask.db");
+    let db = Db::open(&path).await.unwrap();
+    let plugin = add_plugin(&db, "echo").await;
+
+    let no_retry = running(&db, &plugin).await;
+    let mut retry = new_task(&plugin);
+    retry.max_attempts = 2;
+    let retry = db.insert_task(retry).await.unwrap();
+    db.mark_started(&retry.id).await.unwrap();
+    let canceling = running(&db, &plugin).await;
+    db.request_cancel(&canceling.id, cancel("cli", 60_000))
+        .await
+        .unwrap();
+    let waiting = queued(&db, &plugin).await;
+    let done = running(&db, &plugin).await;
+    let done = db
+        .finish(&done.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+    // The process dies.
+    drop(db);
+
+    let db = Db::open(&path).await.unwrap();
+    let recovery = db.recover().await.unwrap();
+    assert_eq!(
+        recovery,
+        Recovery {
+            requeued: vec![retry.id.clone()],
+            failed: vec![no_retry.id.clone()],
+            canceled: vec![canceling.id.clone()],
+        }
+    );
+
+    let failed = db.get_task(&no_retry.id).await.unwrap().unwrap();
+    assert_eq!(failed.state, TaskState::Failed);
+    assert_eq!(failed.error.unwrap().kind, ErrorKind::HostRestart);
+    assert!(failed.finished_at.is_some());
+
+    let requeued = db.get_task(&retry.id).await.unwrap().unwrap();
+    assert_eq!((requeued.state, requeued.attempt), (TaskState::Queued, 1));
+    assert_eq!(
+        last_event(&db, &retry.id).await.data,
+        json!({"requeued": true, "reason": "host_restart", "attempt": 1})
+    );
+    let StartDecision::Started(second) = db.mark_started(&retry.id).await.unwrap() else {
+        panic!("requeued task does not start");
+    };
+    assert_eq!(second.attempt, 2);
+
+    let canceled = db.get_task(&canceling.id).await.unwrap().unwrap();
+    assert_eq!(canceled.state, TaskState::Canceled);
+    let record = canceled.cancel.unwrap();
+    assert!(record.forced && !record.acknowledged);
+    assert_eq!(record.stopped_at, canceled.finished_at);
+    assert_eq!(
+        event_kinds(&db, &canceling.id).await[3..],
+        [EventKind::TaskCancelForced, EventKind::TaskCanceled]
+    );
+    assert_eq!(
+        last_event(&db, &canceling.id).await.data["reason"],
+        json!("host_restart")
+    );
+    // It never runs again.
+    assert!(matches!(
+        db.mark_started(&canceling.id).await.unwrap(),
+        StartDecision::NotStartable(_)
+    ));
+
+    assert_eq!(db.get_task(&waiting.id).await.unwrap(), Some(waiting));
+    assert_eq!(db.get_task(&done.id).await.unwrap(), Some(done));
+
+    // Only the task started again is left running; recovering a second time
+    // settles exactly that.
+    let again = db.recover().await.unwrap();
+    assert_eq!(again.failed, vec![retry.id.clone()]);
+    assert!(again.requeued.is_empty() && again.canceled.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Listing
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_filters_and_pages_by_cursor() {
+    let (_dir, db) = open_temp().await;
+    let echo = add_plugin(&db, "echo").await;
+    let sleeper = add_plugin(&db, "sleeper").await;
+    db.insert_run(NewRun {
+        id: "r_a".into(),
+        name: None,
+        created_at: 1,
+    })
+    .await
+    .unwrap();
+
+    // 30 tasks; queued_at repeats (10 per millisecond) so ordering must
+    // break ties by id.
+    let mut all = Vec::new();
+    for i in 0..30_i64 {
+        let plugin = if i % 3 == 0 { &sleeper } else { &echo };
+        let mut t = new_task(plugin);
+        t.queued_at = 1_000 + i / 10;
+        if i % 2 == 0 {
+            t.run_id = Some("r_a".into());
+        }
+        all.push(db.insert_task(t).await.unwrap());
+    }
+    for task in all.iter().take(5) {
+        db.mark_started(&task.id).await.unwrap();
+    }
+    let newest_first: Vec<String> = all.iter().rev().map(|t| t.id.clone()).collect();
+
+    // Default page: 50, newest first.
+    let page = db.list_tasks(TaskFilter::default()).await.unwrap();
+    let ids: Vec<String> = page.iter().map(|t| t.id.clone()).collect();
+    assert_eq!(ids, newest_first);
+
+    // Paging with a cursor walks the same order without gaps or repeats.
+    let mut walked = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = db
+            .list_tasks(TaskFilter {
+                limit: Some(7),
+                cursor: cursor.clone(),
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 7);
+        cursor = page.last().map(|t| t.id.clone());
+        walked.extend(page.into_iter().map(|t| t.id));
+    }
+    assert_eq!(walked, newest_first);
+
+    // Oldest first, from a cursor.
+    let oldest = db
+        .list_tasks(TaskFilter {
+            oldest_first: true,
+            cursor: Some(all[9].id.clone()),
+            limit: Some(3),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<&str> = oldest.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, [&all[10].id, &all[11].id, &all[12].id]);
+
+    // Filters, alone and combined.
+    let running = db
+        .list_tasks(TaskFilter {
+            state: Some(TaskState::Running),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 5);
+    assert!(running.iter().all(|t| t.state == TaskState::Running));
+
+    let in_run = db
+        .list_tasks(TaskFilter {
+            run_id: Some("r_a".into()),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(in_run.len(), 15);
+
+    let sleepers_in_run = db
+        .list_tasks(TaskFilter {
+            run_id: Some("r_a".into()),
+            plugin: Some("sleeper".into()),
+            state: Some(TaskState::Queued),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    // i in 0..30 with i % 6 == 0 (sleeper and in the run): 0, 6, …, 24; 0 is running.
+    let expected: Vec<&str> = [24, 18, 12, 6].iter().map(|&i| all[i].id.as_str()).collect();
+    let ids: Vec<&str> = sleepers_in_run.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, expected);
+
+    // Limits are capped, zero is empty, an unknown cursor is an error.
+    let capped = db
+        .list_tasks(TaskFilter {
+            limit: Some(1_000_000),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(capped.len(), 30);
+    let none = db
+        .list_tasks(TaskFilter {
+            limit: Some(0),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(matches!(
+        db.list_tasks(TaskFilter {
+            cursor: Some("t_gone".into()),
+            ..TaskFilter::default()
+        })
+        .await,
+        Err(DbError::BadCursor(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------
+// Events
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_ordered_and_paged_by_seq() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let a = running(&db, &plugin).await;
+    let b = running(&db, &plugin).await;
+    let mut batch = Vec::new();
+    for i in 0..20 {
+        let task = if i % 2 == 0 { &a } else { &b };
+        batch.push(NewEvent::task(
+            &task.id,
+            EventKind::TaskLog,
+            json!({"level": "info", "message": format!("line {i}")}),
+        ));
+    }
+    db.append_events(batch).await.unwrap();
+
+    let all = db.events(None, 0, MAX_EVENTS_PAGE).await.unwrap();
+    assert_eq!(all.len(), 4 + 20);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+
+    // Task a's stream, 4 at a time, resuming from the last seq seen.
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = db.events(Some(&a.id), after, 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().unwrap().seq;
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), 2 + 10);
+    assert!(seen.iter().all(|e| e.task_id.as_deref() == Some(a.id.as_str())));
+    let lines: Vec<&str> = seen[2..]
+        .iter()
+        .map(|e| e.data["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        ["line 0", "line 2", "line 4", "line 6", "line 8", "line 10", "line 12", "line 14", "line 16", "line 18"]
+    );
+    let expected: Vec<Event> = all
+        .iter()
+        .filter(|e| e.task_id.as_deref() == Some(a.id.as_str()))
+        .cloned()
+        .collect();
+    assert_eq!(seen, expected);
+
+    // after_seq beyond the end is empty.
+    let end = all.last().unwrap().seq;
+    assert!(db.events(None, end, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn appended_events_are_bounded_and_update_progress_and_checkpoint() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = running(&db, &plugin).await;
+
+    let long = "é".repeat(MAX_EVENT_MESSAGE_BYTES); // twice the cap in bytes
+    let huge = "x".repeat(MAX_EVENT_DATA_BYTES * 2);
+    db.append_events(vec![
+        NewEvent::task(
+            &task.id,
+            EventKind::TaskProgress,
+            json!({"fraction": 1.5, "message": "almost"}),
+        ),
+        NewEvent::task(
+            &task.id,
+            EventKind::TaskCheckpoint,
+            json!({"partial_output": {"rows": 10}}),
+        ),
+        NewEvent::task(&task.id, EventKind::TaskLog, json!({"message": long})),
+        NewEvent::task(&task.id, EventKind::TaskLog, json!({"blob": huge})),
+    ])
+    .await
+    .unwrap();
+
+    let record = db.get_task(&task.id).await.unwrap().unwrap();
+    assert_eq!(
+        record.progress,
+        Some(Progress {
+            fraction: 1.0,
+            message: "almost".into()
+        })
+    );
+    assert_eq!(record.partial_output, Some(json!({"rows": 10})));
+
+    let events = db.events(Some(&task.id), 0, 100).await.unwrap();
+    let cut = &events[4].data;
+    assert_eq!(cut["message_truncated"], json!(true));
+    let message = cut["message"].as_str().unwrap();
+    assert!(message.len() <= MAX_EVENT_MESSAGE_BYTES && message.chars().all(|c| c == 'é'));
+    let replaced = &events[5].data;
+    assert_eq!(replaced["truncated"], json!(true));
+    assert!(replaced["bytes"].as_u64().unwrap() > MAX_EVENT_DATA_BYTES as u64);
+
+    // Lifecycle events are the database's own; unknown tasks are refused;
+    // a refused append stores nothing.
+    let before = db.events(Some(&task.id), 0, 100).await.unwrap().len();
+    assert!(matches!(
+        db.append_events(vec![NewEvent::task(
+            &task.id,
+            EventKind::TaskSucceeded,
+            json!({})
+        )])
+        .await,
+        Err(DbError::ReservedEvent { .. })
+    ));
+    assert!(matches!(
+        db.append_events(vec![
+            NewEvent::task(&task.id, EventKind::TaskLog, json!({"message": "kept?"})),
+            NewEvent::task("t_unknown", EventKind::TaskLog, json!({})),
+        ])
+        .await,
+        Err(DbError::TaskNotFound(_))
+    ));
+    assert_eq!(db.events(Some(&task.id), 0, 100).await.unwrap().len(), before);
+
+    // Once terminal, progress no longer changes the row (the event is kept).
+    let done = db
+        .finish(&task.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+    db.append_events(vec![NewEvent::task(
+        &task.id,
+        EventKind::TaskProgress,
+        json!({"fraction": 0.1, "message": "late"}),
+    )])
+    .await
+    .unwrap();
+    assert_eq!(db.get_task(&task.id).await.unwrap(), Some(done));
+    assert_eq!(
+        last_event(&db, &task.id).await.kind,
+        EventKind::TaskProgress
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The writer: group commit and per-job savepoints
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_commit_stores_500_concurrent_inserts() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let before = db.write_stats();
+
+    let handles: Vec<_> = (0..500)
+        .map(|_| {
+            let db = db.clone();
+            let t = new_task(&plugin);
+            tokio::spawn(async move { db.insert_task(t).await })
+        })
+        .collect();
+    let mut ids = HashSet::new();
+    for handle in handles {
+        ids.insert(handle.await.unwrap().unwrap().id);
+    }
+    assert_eq!(ids.len(), 500);
+
+    let listed: HashSet<String> = db
+        .list_tasks(TaskFilter {
+            limit: Some(MAX_TASKS_PAGE),
+            ..TaskFilter::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(listed, ids);
+    let queued_events = db.events(None, 0, MAX_EVENTS_PAGE).await.unwrap();
+    assert_eq!(queued_events.len(), 500);
+
+    let after = db.write_stats();
+    assert_eq!(after.jobs - before.jobs, 500);
+    assert_eq!(after.failed_batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_job_does_not_roll_back_its_batch() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let victim = running(&db, &plugin).await;
+
+    // Hold the writer inside a job so the next jobs queue up and are drained
+    // into one batch when it is released.
+    let (entered_tx, entered) = tokio::sync::oneshot::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let gate = tokio::spawn({
+        let db = db.clone();
+        async move {
+            db.write(move |_| {
+                let _ = entered_tx.send(());
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .await
+        }
+    });
+    entered.await.unwrap();
+
+    let inserts: Vec<_> = (0..10)
+        .map(|_| {
+            let db = db.clone();
+            let t = new_task(&plugin);
+            tokio::spawn(async move { db.insert_task(t).await })
+        })
+        .collect();
+    let unknown = tokio::spawn({
+        let db = db.clone();
+        async move { db.finish("t_unknown", outcome(TaskState::Succeeded)).await }
+    });
+    // A job that writes, then fails: its own write must be undone.
+    let half_done = tokio::spawn({
+        let db = db.clone();
+        let id = victim.id.clone();
+        async move {
+            db.write(move |conn| {
+                conn.execute(
+                    "UPDATE tasks SET state = 'succeeded' WHERE id = ?1",
+                    [&id],
+                )?;
+                Err::<(), _>(DbError::TaskNotFound("on purpose".into()))
+            })
+            .await
+        }
+    });
+    let finish = tokio::spawn({
+        let db = db.clone();
+        let id = victim.id.clone();
+        async move { db.finish(&id, outcome(TaskState::Failed)).await }
+    });
+    let queued = 10 + 3;
+    while db.write_stats().queued < queued {
+        tokio::task::yield_now().await;
+    }
+    let before = db.write_stats();
+    release.send(()).unwrap();
+    gate.await.unwrap().unwrap();
+
+    for insert in inserts {
+        insert.await.unwrap().unwrap();
+    }
+    assert!(matches!(unknown.await.unwrap(), Err(DbError::TaskNotFound(_))));
+    assert!(matches!(half_done.await.unwrap(), Err(DbError::TaskNotFound(_))));
+    // The failed job's UPDATE was rolled back before `finish` ran, so finish
+    // saw a running task and recorded the failure.
+    let victim = finish.await.unwrap().unwrap();
+    assert_eq!(victim.state, TaskState::Failed);
+
+    let after = db.write_stats();
+    // The gate's own transaction, then all 13 jobs in one.
+    assert_eq!(after.batches - before.batches, 2);
+    assert_eq!(after.jobs - before.jobs, 1 + queued as u64);
+    let all = db.list_tasks(TaskFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 11);
+}

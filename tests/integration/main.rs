@@ -1,0 +1,24 @@
+//! The one integration-test binary of wasmtask. It drives the real
+//! `wasmtask` binary and the library against the fixture plugins built from
+//! `plugins/` by `host/build.rs`.
+//!
+//! Modules:
+//! - `support`: fixtures, a shared runtime, spawning the binary.
+//! - `cancel`: a spinning, a sleeping and a stdin-blocked guest are each
+//!   stopped promptly by a cancel while neighbours finish correctly; graceful
+//!   and forced cancels keep the right partial result.
+//! - `limits`: timeout, memory cap, stack overflow, stdout flood, panic and
+//!   fuel each end in their own outcome, and the host stays usable.
+//! - `sandbox`: the sandbox probe finds nothing; read-only dirs stay read-only.
+//! - `commands`: `wasi:cli` commands get args, env, stdin, dirs; exit codes.
+//! - `cli`: the real binary: `run`, signals, exit statuses, `ps`/`show`,
+//!   malformed input.
+//! - `fixtures`: every plugin in `plugins/` is exercised by some test.
+
+mod cancel;
+mod cli;
+mod commands;
+mod fixtures;
+mod limits;
+mod sandbox;
+mod support;
