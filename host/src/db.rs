@@ -3,11 +3,11 @@
 //!
 //! # Model and invariants
 //!
-//! - **One writer.** A dedicated OS thread ([`writer`]) owns the only
+//! - **One writer.** A dedicated OS thread (`db/writer.rs`) owns the only
 //!   read-write connection. Callers send it a job over a bounded channel and
 //!   await a `oneshot` reply; nothing here blocks a tokio worker thread.
 //! - **Group commit.** The writer drains every queued job (up to
-//!   [`writer::MAX_BATCH`]) into ONE `BEGIN IMMEDIATE` transaction. Each job
+//!   [`MAX_BATCH`]) into ONE `BEGIN IMMEDIATE` transaction. Each job
 //!   runs inside its own `SAVEPOINT`, so a job that fails rolls back only its
 //!   own changes; the others in the batch still commit. Replies are sent only
 //!   after `COMMIT` returned, so **anything acknowledged is durable**.
@@ -27,7 +27,7 @@
 //! - **Reads run beside the writer.** WAL mode lets readers see the last
 //!   committed state while the writer works. Reads run on
 //!   `tokio::task::spawn_blocking` with a small pool of read-only
-//!   connections ([`readers`]). A task row and its cancel record are read in
+//!   connections (`db/readers.rs`). A task row and its cancel record are read in
 //!   one statement (a join), so they are always consistent with each other.
 //! - **One row per task** holds its *current* attempt. `mark_started` clears
 //!   the previous attempt's outcome fields; the event trail keeps the history.
@@ -164,9 +164,10 @@ pub enum DbError {
     /// so this means a bug or a process shutting down).
     #[error("the database writer has stopped")]
     WriterStopped,
-    /// A blocking read task could not run or panicked.
-    #[error("a database read failed to run: {0}")]
-    ReadTask(String),
+    /// A blocking database task (a read, or opening the file) could not run
+    /// or panicked.
+    #[error("a blocking database task failed: {0}")]
+    Blocking(String),
 }
 
 /// Result of the database layer.
@@ -364,7 +365,9 @@ struct Inner {
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Db").field("path", &self.inner.path).finish()
+        f.debug_struct("Db")
+            .field("path", &self.inner.path)
+            .finish()
     }
 }
 
@@ -393,7 +396,7 @@ impl Db {
                 Ok(conn)
             })
             .await
-            .map_err(|e| DbError::ReadTask(e.to_string()))??
+            .map_err(|e| DbError::Blocking(e.to_string()))??
         };
         let stats = Arc::new(writer::Stats::default());
         let sender = writer::spawn(opened, options.write_queue.max(1), stats.clone())?;
@@ -438,7 +441,8 @@ impl Db {
 
     /// Creates a run (state `running`) and its `run.created` event.
     pub async fn insert_run(&self, run: NewRun) -> Result<RunRow> {
-        self.write(move |conn| plugins::insert_run(conn, &run)).await
+        self.write(move |conn| plugins::insert_run(conn, &run))
+            .await
     }
 
     pub async fn get_run(&self, id: &str) -> Result<Option<RunRow>> {
@@ -523,7 +527,12 @@ impl Db {
     }
 
     /// Events of one run (its own and its tasks'), like [`Db::events`].
-    pub async fn run_events(&self, run_id: &str, after_seq: i64, limit: usize) -> Result<Vec<Event>> {
+    pub async fn run_events(
+        &self,
+        run_id: &str,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<Event>> {
         let run_id = run_id.to_owned();
         self.read(move |conn| events::list_for_run(conn, &run_id, after_seq, limit))
             .await
@@ -566,7 +575,7 @@ impl Db {
         let readers = self.inner.readers.clone();
         tokio::task::spawn_blocking(move || readers.with(work))
             .await
-            .map_err(|e| DbError::ReadTask(e.to_string()))?
+            .map_err(|e| DbError::Blocking(e.to_string()))?
     }
 }
 

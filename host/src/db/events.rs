@@ -23,7 +23,7 @@ pub const MAX_EVENTS_PAGE: usize = 1000;
 
 /// Stores one event (bounded) and returns its `seq`.
 pub(super) fn insert(conn: &Connection, event: &NewEvent) -> Result<i64> {
-    let data = bounded_data(event.data.clone())?;
+    let data = bounded_data(&event.data)?;
     conn.prepare_cached(
         "INSERT INTO events (task_id, run_id, kind, at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
@@ -113,22 +113,26 @@ fn progress_of(data: &Value) -> Option<Progress> {
 }
 
 /// Applies the bounds of the module docs and returns the JSON text to store.
-pub(super) fn bounded_data(data: Value) -> Result<String> {
-    let data = match data {
-        Value::Object(mut map) => {
-            if let Some(Value::String(message)) = map.get_mut("message")
-                && truncate_utf8(message, MAX_EVENT_MESSAGE_BYTES)
-            {
+pub(super) fn bounded_data(data: &Value) -> Result<String> {
+    let cut = match data {
+        Value::Object(map) => match map.get("message") {
+            Some(Value::String(message)) if message.len() > MAX_EVENT_MESSAGE_BYTES => {
+                let mut map = map.clone();
+                let mut message = message.clone();
+                truncate_utf8(&mut message, MAX_EVENT_MESSAGE_BYTES);
+                map.insert("message".into(), Value::String(message));
                 map.insert("message_truncated".into(), Value::Bool(true));
+                Some(Value::Object(map))
             }
-            Value::Object(map)
-        }
-        other => other,
+            _ => None,
+        },
+        _ => None,
     };
-    let text = serde_json::to_string(&data).map_err(|source| DbError::Encode {
-        what: "event data",
-        source,
-    })?;
+    let text =
+        serde_json::to_string(cut.as_ref().unwrap_or(data)).map_err(|source| DbError::Encode {
+            what: "event data",
+            source,
+        })?;
     if text.len() <= MAX_EVENT_DATA_BYTES {
         return Ok(text);
     }
@@ -173,7 +177,10 @@ pub(super) fn list_for_run(
         "SELECT seq, task_id, run_id, kind, at, data FROM events
          WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
     )?
-    .query_and_then(params![run_id, after_seq, page_limit(limit)], event_from_row)?
+    .query_and_then(
+        params![run_id, after_seq, page_limit(limit)],
+        event_from_row,
+    )?
     .collect()
 }
 

@@ -59,6 +59,7 @@ fn encode(mut value: u128) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
 
@@ -87,6 +88,9 @@ mod tests {
             value = (value << 5) | digit as u128;
         }
         let millis = i64::try_from(value >> 80).unwrap_or_default();
-        assert!(before <= millis && millis <= after, "{before} <= {millis} <= {after}");
+        assert!(
+            before <= millis && millis <= after,
+            "{before} <= {millis} <= {after}"
+        );
     }
 }

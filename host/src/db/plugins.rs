@@ -26,7 +26,9 @@ pub(super) fn upsert(conn: &Connection, p: &PluginRow) -> Result<()> {
 
 pub(super) fn get(conn: &Connection, id_or_name: &str) -> Result<Option<PluginRow>> {
     let by_id = conn
-        .prepare_cached(&format!("SELECT {PLUGIN_COLUMNS} FROM plugins WHERE id = ?1"))?
+        .prepare_cached(&format!(
+            "SELECT {PLUGIN_COLUMNS} FROM plugins WHERE id = ?1"
+        ))?
         .query_and_then([id_or_name], plugin_from_row)?
         .next()
         .transpose()?;
@@ -83,10 +85,8 @@ pub(super) fn insert_run(conn: &Connection, run: &NewRun) -> Result<RunRow> {
     if run_exists(conn, &run.id)? {
         return Err(DbError::RunExists(run.id.clone()));
     }
-    conn.prepare_cached(
-        "INSERT INTO runs (id, name, state, created_at) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![run.id, run.name, RUN_RUNNING, run.created_at])?;
+    conn.prepare_cached("INSERT INTO runs (id, name, state, created_at) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![run.id, run.name, RUN_RUNNING, run.created_at])?;
     events::insert(
         conn,
         &NewEvent {

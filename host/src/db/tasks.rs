@@ -100,7 +100,8 @@ fn task_from_row(row: &Row<'_>) -> Result<TaskRecord> {
     };
     let error = match row.get::<_, Option<String>>("error_kind")? {
         Some(kind) => Some(TaskError {
-            kind: ErrorKind::parse(&kind).ok_or_else(|| corrupt(&id, "error kind", kind.clone()))?,
+            kind: ErrorKind::parse(&kind)
+                .ok_or_else(|| corrupt(&id, "error kind", kind.clone()))?,
             detail: row.get("error_detail")?,
             message: row
                 .get::<_, Option<String>>("error_message")?
@@ -144,7 +145,9 @@ fn task_from_row(row: &Row<'_>) -> Result<TaskRecord> {
         stderr: captured(row, "stderr")?,
         usage: Usage {
             peak_memory_bytes: from_sql_u64(row.get("peak_memory_bytes")?),
-            fuel_consumed: row.get::<_, Option<i64>>("fuel_consumed")?.map(from_sql_u64),
+            fuel_consumed: row
+                .get::<_, Option<i64>>("fuel_consumed")?
+                .map(from_sql_u64),
         },
         cancel,
         id,
@@ -468,7 +471,12 @@ pub(super) fn request_cancel(
             let task = load_existing(conn, id)?;
             events::insert(
                 conn,
-                &task_event(&task, EventKind::TaskCancelRequested, req.requested_at, requested),
+                &task_event(
+                    &task,
+                    EventKind::TaskCancelRequested,
+                    req.requested_at,
+                    requested,
+                ),
             )?;
             let data = terminal_data(&task, TaskState::Canceled, &[("before_start", json!(true))]);
             events::insert(
@@ -487,7 +495,12 @@ pub(super) fn request_cancel(
             let task = load_existing(conn, id)?;
             events::insert(
                 conn,
-                &task_event(&task, EventKind::TaskCancelRequested, req.requested_at, requested),
+                &task_event(
+                    &task,
+                    EventKind::TaskCancelRequested,
+                    req.requested_at,
+                    requested,
+                ),
             )?;
             Ok(CancelDecision::Requested {
                 record: task,
@@ -497,7 +510,11 @@ pub(super) fn request_cancel(
         }
         TaskState::CancelRequested => {
             let Some(stored) = &task.cancel else {
-                return Err(corrupt(id, "cancel record", "missing for a cancel_requested task"));
+                return Err(corrupt(
+                    id,
+                    "cancel record",
+                    "missing for a cancel_requested task",
+                ));
             };
             if req.grace_ms >= stored.grace_ms {
                 return Ok(CancelDecision::Requested {
@@ -517,7 +534,12 @@ pub(super) fn request_cancel(
             }
             events::insert(
                 conn,
-                &task_event(&task, EventKind::TaskCancelRequested, req.requested_at, data),
+                &task_event(
+                    &task,
+                    EventKind::TaskCancelRequested,
+                    req.requested_at,
+                    data,
+                ),
             )?;
             Ok(CancelDecision::Requested {
                 record: task,
@@ -624,7 +646,10 @@ pub(super) fn finish(conn: &Connection, id: &str, f: &Finish) -> Result<TaskReco
             latency_us: latency_us(cancel.requested_at, f.finished_at),
         }),
         (None, Some(_)) => {
-            tracing::warn!(task = id, "cancel stop reported for a task without a cancel record");
+            tracing::warn!(
+                task = id,
+                "cancel stop reported for a task without a cancel record"
+            );
             None
         }
         (None, None) => None,
@@ -639,7 +664,12 @@ pub(super) fn finish(conn: &Connection, id: &str, f: &Finish) -> Result<TaskReco
         if stop.acknowledged {
             events::insert(
                 conn,
-                &task_event(&task, EventKind::TaskCancelAcknowledged, stop.stopped_at, data.clone()),
+                &task_event(
+                    &task,
+                    EventKind::TaskCancelAcknowledged,
+                    stop.stopped_at,
+                    data.clone(),
+                ),
             )?;
         }
         if stop.forced {
@@ -680,7 +710,9 @@ pub(super) fn recover(conn: &Connection) -> Result<Recovery> {
             "SELECT id, state, attempt, max_attempts FROM tasks
              WHERE state IN ('running', 'cancel_requested') ORDER BY queued_at, id",
         )?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?
+        .query_map([], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?
         .collect::<rusqlite::Result<_>>()?;
 
     let mut recovery = Recovery::default();
@@ -699,7 +731,12 @@ pub(super) fn recover(conn: &Connection) -> Result<Recovery> {
                      error_detail = NULL, error_message = ?4
                  WHERE id = ?1",
             )?
-            .execute(params![id, now, ErrorKind::HostRestart.as_str(), HOST_RESTART_RUNNING])?;
+            .execute(params![
+                id,
+                now,
+                ErrorKind::HostRestart.as_str(),
+                HOST_RESTART_RUNNING
+            ])?;
             let task = load_existing(conn, &id)?;
             let data = terminal_data(&task, TaskState::Failed, &reason);
             events::insert(conn, &task_event(&task, EventKind::TaskFailed, now, data))?;
@@ -710,7 +747,12 @@ pub(super) fn recover(conn: &Connection) -> Result<Recovery> {
                      error_detail = NULL, error_message = ?4
                  WHERE id = ?1",
             )?
-            .execute(params![id, now, ErrorKind::HostRestart.as_str(), HOST_RESTART_CANCELING])?;
+            .execute(params![
+                id,
+                now,
+                ErrorKind::HostRestart.as_str(),
+                HOST_RESTART_CANCELING
+            ])?;
             let requested_at: Option<UnixMillis> = conn
                 .prepare_cached("SELECT requested_at FROM cancels WHERE task_id = ?1")?
                 .query_row([&id], |row| row.get(0))
@@ -724,7 +766,10 @@ pub(super) fn recover(conn: &Connection) -> Result<Recovery> {
             set_cancel_stop(conn, &id, &stop)?;
             let task = load_existing(conn, &id)?;
             let forced = json!({ "reason": "host_restart", "latency_us": stop.latency_us });
-            events::insert(conn, &task_event(&task, EventKind::TaskCancelForced, now, forced))?;
+            events::insert(
+                conn,
+                &task_event(&task, EventKind::TaskCancelForced, now, forced),
+            )?;
             let data = terminal_data(&task, TaskState::Canceled, &reason);
             events::insert(conn, &task_event(&task, EventKind::TaskCanceled, now, data))?;
             recovery.canceled.push(id);

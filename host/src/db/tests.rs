@@ -1,6 +1,8 @@
 //! Behaviour of the database layer, each test on a fresh file in a temporary
 //! directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::HashSet;
 
 use serde_json::json;
@@ -8,14 +10,16 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::model::{
-    CancelRecord, CancelStop, Captured, DirSpec, ErrorKind, EventKind, Limits, Progress,
-    TaskError, Usage, now_millis,
+    CancelRecord, CancelStop, Captured, DirSpec, ErrorKind, EventKind, Limits, Progress, TaskError,
+    Usage, now_millis,
 };
 
 async fn open_temp() -> (TempDir, Db) {
     let dir = tempfile::tempdir().unwrap();
     // A nested path: open creates the missing directories.
-    let db = Db::open(&dir.path().join("nested/data/wasmtask.db")).await.unwrap();
+    let db = Db::open(&dir.path().join("nested/data/wasmtask.db"))
+        .await
+        .unwrap();
     (dir, db)
 }
 
@@ -185,7 +189,10 @@ async fn plugins_are_found_by_digest_or_newest_name() {
     };
     db.upsert_plugin(renamed).await.unwrap();
     let stored = db.get_plugin("aaaa").await.unwrap().unwrap();
-    assert_eq!((stored.name.as_str(), stored.created_at), ("echo-v0", 1_000));
+    assert_eq!(
+        (stored.name.as_str(), stored.created_at),
+        ("echo-v0", 1_000)
+    );
     let names: Vec<String> = db
         .list_plugins()
         .await
@@ -207,12 +214,18 @@ async fn insert_checks_plugin_run_and_id() {
 
     let mut t = new_task(&plugin);
     t.run_id = Some("r_missing".into());
-    assert!(matches!(db.insert_task(t).await, Err(DbError::RunNotFound(_))));
+    assert!(matches!(
+        db.insert_task(t).await,
+        Err(DbError::RunNotFound(_))
+    ));
 
     let task = queued(&db, &plugin).await;
     let mut again = new_task(&plugin);
     again.id = task.id.clone();
-    assert!(matches!(db.insert_task(again).await, Err(DbError::TaskExists(_))));
+    assert!(matches!(
+        db.insert_task(again).await,
+        Err(DbError::TaskExists(_))
+    ));
     assert_eq!(event_kinds(&db, &task.id).await, [EventKind::TaskQueued]);
 }
 
@@ -284,7 +297,10 @@ async fn insert_then_get_round_trips_every_field() {
         cancel: None,
     };
     assert_eq!(inserted, expected_queued);
-    assert_eq!(db.get_task(&new.id).await.unwrap(), Some(expected_queued.clone()));
+    assert_eq!(
+        db.get_task(&new.id).await.unwrap(),
+        Some(expected_queued.clone())
+    );
 
     let StartDecision::Started(started) = db.mark_started(&new.id).await.unwrap() else {
         panic!("not started");
@@ -522,7 +538,10 @@ async fn cancel_of_a_running_task_is_recorded_once_and_escalates() {
             EventKind::TaskCancelRequested,
         ]
     );
-    assert_eq!(last_event(&db, &task.id).await.data["escalated"], json!(true));
+    assert_eq!(
+        last_event(&db, &task.id).await.data["escalated"],
+        json!(true)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -543,7 +562,9 @@ async fn cancel_of_a_finished_or_unknown_task_changes_nothing() {
     assert_eq!(db.get_task(&task.id).await.unwrap(), Some(done));
     assert_eq!(event_kinds(&db, &task.id).await, events_before);
     assert_eq!(
-        db.request_cancel("t_unknown", cancel("cli", 0)).await.unwrap(),
+        db.request_cancel("t_unknown", cancel("cli", 0))
+            .await
+            .unwrap(),
         CancelDecision::NotFound
     );
 }
@@ -822,7 +843,14 @@ async fn list_filters_and_pages_by_cursor() {
         .await
         .unwrap();
     let ids: Vec<&str> = oldest.iter().map(|t| t.id.as_str()).collect();
-    assert_eq!(ids, [&all[10].id, &all[11].id, &all[12].id]);
+    assert_eq!(
+        ids,
+        [
+            all[10].id.as_str(),
+            all[11].id.as_str(),
+            all[12].id.as_str()
+        ]
+    );
 
     // Filters, alone and combined.
     let running = db
@@ -854,7 +882,10 @@ async fn list_filters_and_pages_by_cursor() {
         .await
         .unwrap();
     // i in 0..30 with i % 6 == 0 (sleeper and in the run): 0, 6, …, 24; 0 is running.
-    let expected: Vec<&str> = [24, 18, 12, 6].iter().map(|&i| all[i].id.as_str()).collect();
+    let expected: Vec<&str> = [24, 18, 12, 6]
+        .iter()
+        .map(|&i| all[i].id.as_str())
+        .collect();
     let ids: Vec<&str> = sleepers_in_run.iter().map(|t| t.id.as_str()).collect();
     assert_eq!(ids, expected);
 
@@ -921,14 +952,20 @@ async fn events_are_ordered_and_paged_by_seq() {
         seen.extend(page);
     }
     assert_eq!(seen.len(), 2 + 10);
-    assert!(seen.iter().all(|e| e.task_id.as_deref() == Some(a.id.as_str())));
+    assert!(
+        seen.iter()
+            .all(|e| e.task_id.as_deref() == Some(a.id.as_str()))
+    );
     let lines: Vec<&str> = seen[2..]
         .iter()
         .map(|e| e.data["message"].as_str().unwrap())
         .collect();
     assert_eq!(
         lines,
-        ["line 0", "line 2", "line 4", "line 6", "line 8", "line 10", "line 12", "line 14", "line 16", "line 18"]
+        [
+            "line 0", "line 2", "line 4", "line 6", "line 8", "line 10", "line 12", "line 14",
+            "line 16", "line 18"
+        ]
     );
     let expected: Vec<Event> = all
         .iter()
@@ -1006,7 +1043,10 @@ async fn appended_events_are_bounded_and_update_progress_and_checkpoint() {
         .await,
         Err(DbError::TaskNotFound(_))
     ));
-    assert_eq!(db.events(Some(&task.id), 0, 100).await.unwrap().len(), before);
+    assert_eq!(
+        db.events(Some(&task.id), 0, 100).await.unwrap().len(),
+        before
+    );
 
     // Once terminal, progress no longer changes the row (the event is kept).
     let done = db
@@ -1102,30 +1142,28 @@ async fn a_failing_job_does_not_roll_back_its_batch() {
         let db = db.clone();
         async move { db.finish("t_unknown", outcome(TaskState::Succeeded)).await }
     });
-    // A job that writes, then fails: its own write must be undone.
+    wait_queued(&db, 11).await;
+    // A job that writes, then fails: its own write must be undone before the
+    // `finish` queued behind it runs.
     let half_done = tokio::spawn({
         let db = db.clone();
         let id = victim.id.clone();
         async move {
             db.write(move |conn| {
-                conn.execute(
-                    "UPDATE tasks SET state = 'succeeded' WHERE id = ?1",
-                    [&id],
-                )?;
+                conn.execute("UPDATE tasks SET state = 'succeeded' WHERE id = ?1", [&id])?;
                 Err::<(), _>(DbError::TaskNotFound("on purpose".into()))
             })
             .await
         }
     });
+    wait_queued(&db, 12).await;
     let finish = tokio::spawn({
         let db = db.clone();
         let id = victim.id.clone();
         async move { db.finish(&id, outcome(TaskState::Failed)).await }
     });
-    let queued = 10 + 3;
-    while db.write_stats().queued < queued {
-        tokio::task::yield_now().await;
-    }
+    let queued = 13;
+    wait_queued(&db, queued).await;
     let before = db.write_stats();
     release.send(()).unwrap();
     gate.await.unwrap().unwrap();
@@ -1133,10 +1171,16 @@ async fn a_failing_job_does_not_roll_back_its_batch() {
     for insert in inserts {
         insert.await.unwrap().unwrap();
     }
-    assert!(matches!(unknown.await.unwrap(), Err(DbError::TaskNotFound(_))));
-    assert!(matches!(half_done.await.unwrap(), Err(DbError::TaskNotFound(_))));
-    // The failed job's UPDATE was rolled back before `finish` ran, so finish
-    // saw a running task and recorded the failure.
+    assert!(matches!(
+        unknown.await.unwrap(),
+        Err(DbError::TaskNotFound(_))
+    ));
+    assert!(matches!(
+        half_done.await.unwrap(),
+        Err(DbError::TaskNotFound(_))
+    ));
+    // Had the failed job's UPDATE survived, finish would have found a
+    // terminal task and left it `succeeded`.
     let victim = finish.await.unwrap().unwrap();
     assert_eq!(victim.state, TaskState::Failed);
 
@@ -1144,6 +1188,17 @@ async fn a_failing_job_does_not_roll_back_its_batch() {
     // The gate's own transaction, then all 13 jobs in one.
     assert_eq!(after.batches - before.batches, 2);
     assert_eq!(after.jobs - before.jobs, 1 + queued as u64);
+    assert_eq!(
+        db.get_task(&victim.id).await.unwrap().unwrap().state,
+        TaskState::Failed
+    );
     let all = db.list_tasks(TaskFilter::default()).await.unwrap();
     assert_eq!(all.len(), 11);
+}
+
+/// Waits (without sleeping) until `n` jobs wait for the writer.
+async fn wait_queued(db: &Db, n: usize) {
+    while db.write_stats().queued < n {
+        tokio::task::yield_now().await;
+    }
 }

@@ -75,8 +75,9 @@ where
 {
     fn run(&mut self, conn: &Connection) -> bool {
         let outcome = match self.work.take() {
-            Some(work) => catch_unwind(AssertUnwindSafe(|| work(conn)))
-                .unwrap_or(Err(DbError::JobPanicked)),
+            Some(work) => {
+                catch_unwind(AssertUnwindSafe(|| work(conn))).unwrap_or(Err(DbError::JobPanicked))
+            }
             // Never run twice; answer with an error rather than panicking.
             None => Err(DbError::JobPanicked),
         };
