@@ -63,7 +63,7 @@ fn build() -> Result<(), String> {
     rerun_if_changed(&repo, &plugins_dir, &plugins);
     build_plugins(&plugins_dir)?;
 
-    let wasm_dir = plugins_dir.join("target").join(WASM_TARGET).join("release");
+    let wasm_dir = plugins_target_dir(&plugins_dir).join(WASM_TARGET).join("release");
     let dest_dir = out_dir.join("plugins");
     fs::create_dir_all(&dest_dir)
         .map_err(|e| format!("cannot create {}: {e}", dest_dir.display()))?;
@@ -163,6 +163,10 @@ fn rerun_if_changed(repo: &Path, plugins_dir: &Path, plugins: &[Plugin]) {
         let dir = plugins_dir.join(&plugin.name);
         paths.push(dir.join("Cargo.toml"));
         paths.push(dir.join("src"));
+        // Listed only if present: cargo reruns on every build for a missing path.
+        if dir.join("build.rs").is_file() {
+            paths.push(dir.join("build.rs"));
+        }
     }
     for path in paths {
         println!("cargo:rerun-if-changed={}", path.display());
@@ -219,6 +223,17 @@ fn leaks_outer_settings(name: &str) -> bool {
     EXACT.contains(&name) || PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
+/// Where the nested build puts its output: `plugins/target`, unless
+/// `WASMTASK_PLUGINS_TARGET_DIR` names another directory (CI keeps it outside
+/// the fresh clone so the plugins are not rebuilt from scratch every run).
+fn plugins_target_dir(plugins_dir: &Path) -> PathBuf {
+    println!("cargo:rerun-if-env-changed=WASMTASK_PLUGINS_TARGET_DIR");
+    match env::var_os("WASMTASK_PLUGINS_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => plugins_dir.join("target"),
+    }
+}
+
 fn build_plugins(plugins_dir: &Path) -> Result<(), String> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(&cargo);
@@ -226,7 +241,7 @@ fn build_plugins(plugins_dir: &Path) -> Result<(), String> {
         .args(["build", "--release", "--target", WASM_TARGET, "--manifest-path"])
         .arg(plugins_dir.join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(plugins_dir.join("target"))
+        .arg(plugins_target_dir(plugins_dir))
         // Cargo reads `.cargo/config.toml` from the current directory up, so
         // run from the plugins workspace, not from wherever the outer build ran.
         .current_dir(plugins_dir);

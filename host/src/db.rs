@@ -89,7 +89,9 @@ use crate::model::{
 
 pub use events::{MAX_EVENT_DATA_BYTES, MAX_EVENT_MESSAGE_BYTES, MAX_EVENTS_PAGE};
 pub use ids::new_task_id;
-pub use tasks::{DEFAULT_TASKS_PAGE, MAX_PARTIAL_OUTPUT_BYTES, MAX_TASKS_PAGE};
+pub use tasks::{
+    DEFAULT_TASKS_PAGE, MAX_ERROR_TEXT_BYTES, MAX_PARTIAL_OUTPUT_BYTES, MAX_TASKS_PAGE,
+};
 pub use writer::MAX_BATCH;
 
 /// Errors of the database layer.
@@ -495,6 +497,8 @@ impl Db {
     /// events with a `partial_output` field set its partial output. Data is
     /// bounded (see [`MAX_EVENT_DATA_BYTES`]). Task events without a `run_id`
     /// get the task's. Lifecycle events are refused ([`DbError::ReservedEvent`]).
+    /// All or nothing: one refused event (reserved kind, unknown task or run)
+    /// stores none of the batch.
     pub async fn append_events(&self, events: Vec<NewEvent>) -> Result<()> {
         if events.is_empty() {
             return Ok(());
@@ -514,7 +518,8 @@ impl Db {
     }
 
     /// Events with `seq > after_seq`, oldest first, of one task or of all
-    /// (`task_id = None`); at most `limit` (capped at [`MAX_EVENTS_PAGE`]).
+    /// (`task_id = None`); at most `limit` (capped at [`MAX_EVENTS_PAGE`];
+    /// 0 returns nothing). Resume a stream by passing the last `seq` seen.
     pub async fn events(
         &self,
         task_id: Option<&str>,

@@ -7,7 +7,9 @@
 //!
 //! Every level keeps a 64-byte array alive across the recursive call and
 //! hands its address to `black_box`, so the compiler can neither turn the
-//! recursion into a loop nor shrink the frames.
+//! recursion into a loop nor shrink the frames. `build.rs` enlarges the
+//! shadow stack so the trap is wasmtime's stack overflow, not an
+//! out-of-bounds access (see there).
 
 use std::hint::black_box;
 

@@ -18,9 +18,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use serde_json::json;
+use serde::Serialize;
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Serialize)]
 struct Counts {
     lines: u64,
     words: u64,
@@ -166,16 +166,26 @@ fn print_table(rows: &[(String, Counts)], total: Counts) -> io::Result<()> {
     out.flush()
 }
 
+#[derive(Serialize)]
+struct FileReport<'a> {
+    path: &'a str,
+    #[serde(flatten)]
+    counts: Counts,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    files: Vec<FileReport<'a>>,
+    total: Counts,
+}
+
 fn print_json(rows: &[(String, Counts)], total: Counts) -> io::Result<()> {
-    let files: Vec<_> = rows
+    let files = rows
         .iter()
-        .map(|(path, c)| json!({"path": path, "lines": c.lines, "words": c.words, "bytes": c.bytes}))
+        .map(|(path, counts)| FileReport { path, counts: *counts })
         .collect();
-    let report = json!({
-        "files": files,
-        "total": {"lines": total.lines, "words": total.words, "bytes": total.bytes},
-    });
     let mut out = io::stdout().lock();
-    writeln!(out, "{report}")?;
+    serde_json::to_writer(&mut out, &Report { files, total })?;
+    writeln!(out)?;
     out.flush()
 }
