@@ -18,9 +18,7 @@ use wasmtask_runtime::{GuestEvent, Runtime, RuntimeConfig, Stdin};
 
 use crate::db::{self, CancelDecision, Db, NewTask, PluginRow, StartDecision, TaskFilter};
 use crate::exec::{self, LocalIo};
-use crate::model::{
-    DirSpec, Limits, TaskRecord, TaskSpec, TaskState, now_millis,
-};
+use crate::model::{DirSpec, Limits, TaskRecord, TaskSpec, TaskState, now_millis};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -153,7 +151,8 @@ impl CliError {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (try 500ms, 30s, 5m)"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (try 500ms, 30s, 5m)"))
 }
 
 /// Sizes: plain bytes, or a number with K/M/G (powers of 1024; `KiB`/`KB`/`k` alike).
@@ -169,9 +168,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}: use K, M or G")),
+        other => {
+            return Err(format!(
+                "invalid size unit {other:?} in {s:?}: use K, M or G"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// `HOST[::GUEST][:ro|:rw]`.
@@ -188,7 +192,9 @@ pub fn parse_dir(s: &str) -> Result<DirSpec, String> {
         None => (rest, rest),
     };
     if host.is_empty() || guest.is_empty() {
-        return Err(format!("invalid --dir {s:?}: expected HOST[::GUEST][:ro|:rw]"));
+        return Err(format!(
+            "invalid --dir {s:?}: expected HOST[::GUEST][:ro|:rw]"
+        ));
     }
     Ok(DirSpec {
         host: host.to_owned(),
@@ -303,7 +309,10 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
     let input = read_input(&args.input)?;
     for d in &args.dirs {
         if !Path::new(&d.host).is_dir() {
-            return Err(CliError::Usage(format!("--dir {}: no such directory", d.host)));
+            return Err(CliError::Usage(format!(
+                "--dir {}: no such directory",
+                d.host
+            )));
         }
     }
     let stdin = read_stdin_arg(&args.stdin)?;
@@ -314,11 +323,15 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
         stdin: None,
         dirs: args.dirs.clone(),
         limits: Limits {
-            timeout_ms: args.timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: args
+                .timeout
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             max_memory_bytes: args.max_memory,
             fuel: args.fuel,
         },
-        grace_ms: args.grace.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        grace_ms: args
+            .grace
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     };
 
     let data_dir = db_path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -368,13 +381,13 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
 
     let text = output == OutputFormat::Text;
     let (tx, rx) = tokio::sync::mpsc::channel(exec::EVENT_BUFFER);
-    let observe: Option<Box<dyn Fn(&GuestEvent) + Send + Sync>> =
-        if text { Some(Box::new(print_guest_event)) } else { None };
-    let pump = exec::pump_events(db.clone(), id.clone(), rx, observe);
-    let io = LocalIo {
-        tee: text,
-        stdin,
+    let observe: Option<exec::EventObserver> = if text {
+        Some(Box::new(print_guest_event))
+    } else {
+        None
     };
+    let pump = exec::pump_events(db.clone(), id.clone(), rx, observe);
+    let io = LocalIo { tee: text, stdin };
     let request = exec::request(plugin, &name, &spec, io, Some(tx))
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let running = match rt.spawn(request) {
@@ -465,7 +478,9 @@ pub fn exit_status(r: &TaskRecord) -> ExitCode {
         TaskState::TimedOut => ExitCode::from(124),
         TaskState::Canceled => ExitCode::from(130),
         _ => match r.exit_code {
-            Some(code) if code != 0 => ExitCode::from(u8::try_from(code.clamp(1, 255)).unwrap_or(1)),
+            Some(code) if code != 0 => {
+                ExitCode::from(u8::try_from(code.clamp(1, 255)).unwrap_or(1))
+            }
             _ => ExitCode::from(1),
         },
     }
@@ -479,10 +494,10 @@ fn report_record(r: &TaskRecord, output: OutputFormat) -> Result<(), CliError> {
     }
     if let Some(out) = &r.output {
         println!("{}", pretty(out));
-    } else if r.state != TaskState::Succeeded {
-        if let Some(p) = &r.partial_output {
-            println!("{}", pretty(p));
-        }
+    } else if r.state != TaskState::Succeeded
+        && let Some(p) = &r.partial_output
+    {
+        println!("{}", pretty(p));
     }
     match r.state {
         TaskState::Succeeded => {}
@@ -498,7 +513,10 @@ fn report_record(r: &TaskRecord, output: OutputFormat) -> Result<(), CliError> {
                 .map(|us| format!(" in {}", fmt_us(us)))
                 .unwrap_or_default();
             let reason = c.map(|c| c.reason.as_str()).unwrap_or("canceled");
-            eprintln!("wasmtask: task {} canceled ({reason}): {how}{latency}", r.id);
+            eprintln!(
+                "wasmtask: task {} canceled ({reason}): {how}{latency}",
+                r.id
+            );
             if r.output.is_none() && r.partial_output.is_some() {
                 eprintln!("wasmtask: the output above is the last checkpoint");
             }
@@ -572,10 +590,15 @@ async fn ps(args: PsArgs, output: OutputFormat, db_path: &Path) -> Result<ExitCo
         })
         .await?;
     if output == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(&tasks).context("serialize")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&tasks).context("serialize")?
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut out = String::from("ID                             PLUGIN           STATE             QUEUED                DURATION  ERROR\n");
+    let mut out = String::from(
+        "ID                             PLUGIN           STATE             QUEUED                DURATION  ERROR\n",
+    );
     for t in &tasks {
         let duration = match (t.started_at, t.finished_at) {
             (Some(s), Some(f)) => fmt_us(u64::try_from((f - s).max(0)).unwrap_or(0) * 1000),
@@ -585,7 +608,11 @@ async fn ps(args: PsArgs, output: OutputFormat, db_path: &Path) -> Result<ExitCo
         let error = t
             .error
             .as_ref()
-            .map(|e| e.detail.clone().unwrap_or_else(|| e.kind.as_str().to_owned()))
+            .map(|e| {
+                e.detail
+                    .clone()
+                    .unwrap_or_else(|| e.kind.as_str().to_owned())
+            })
             .unwrap_or_default();
         out.push_str(&format!(
             "{:<30} {:<16} {:<17} {:<21} {:>8}  {}\n",
@@ -613,7 +640,10 @@ fn truncate(s: &str, n: usize) -> String {
 
 async fn show(args: ShowArgs, output: OutputFormat, db_path: &Path) -> Result<ExitCode, CliError> {
     if !db_path.exists() {
-        return Err(CliError::Usage(format!("no database at {}", db_path.display())));
+        return Err(CliError::Usage(format!(
+            "no database at {}",
+            db_path.display()
+        )));
     }
     let db = open_db(db_path).await?;
     let Some(r) = db.get_task(&args.id).await? else {
@@ -625,7 +655,12 @@ async fn show(args: ShowArgs, output: OutputFormat, db_path: &Path) -> Result<Ex
     }
     let mut s = String::new();
     s.push_str(&format!("task      {}\n", r.id));
-    s.push_str(&format!("plugin    {} ({}, {})\n", r.plugin_name, r.plugin_kind.as_str(), r.plugin_id));
+    s.push_str(&format!(
+        "plugin    {} ({}, {})\n",
+        r.plugin_name,
+        r.plugin_kind.as_str(),
+        r.plugin_id
+    ));
     s.push_str(&format!("state     {}\n", r.state));
     s.push_str(&format!("attempt   {}/{}\n", r.attempt, r.max_attempts));
     s.push_str(&format!("queued    {}\n", fmt_when(r.queued_at)));
@@ -639,7 +674,10 @@ async fn show(args: ShowArgs, output: OutputFormat, db_path: &Path) -> Result<Ex
         s.push_str(&format!(
             "error     {}{}: {}\n",
             e.kind.as_str(),
-            e.detail.as_ref().map(|d| format!(" ({d})")).unwrap_or_default(),
+            e.detail
+                .as_ref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default(),
             e.message.lines().next().unwrap_or("")
         ));
     }
@@ -660,13 +698,22 @@ async fn show(args: ShowArgs, output: OutputFormat, db_path: &Path) -> Result<Ex
             } else {
                 "not acted on by the guest"
             },
-            c.latency_us.map(|us| format!(", stopped in {}", fmt_us(us))).unwrap_or_default()
+            c.latency_us
+                .map(|us| format!(", stopped in {}", fmt_us(us)))
+                .unwrap_or_default()
         ));
     }
     if let Some(p) = &r.progress {
-        s.push_str(&format!("progress  {:.0}% {}\n", p.fraction * 100.0, p.message));
+        s.push_str(&format!(
+            "progress  {:.0}% {}\n",
+            p.fraction * 100.0,
+            p.message
+        ));
     }
-    s.push_str(&format!("memory    peak {} bytes\n", r.usage.peak_memory_bytes));
+    s.push_str(&format!(
+        "memory    peak {} bytes\n",
+        r.usage.peak_memory_bytes
+    ));
     if let Some(f) = r.usage.fuel_consumed {
         s.push_str(&format!("fuel      {f} consumed\n"));
     }
@@ -704,7 +751,10 @@ fn plugins(output: OutputFormat) -> Result<ExitCode, CliError> {
         })
         .collect();
     if output == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(&list).context("serialize")?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).context("serialize")?
+        );
     } else {
         for p in crate::builtin::PLUGINS {
             println!(
@@ -740,9 +790,15 @@ mod tests {
     #[test]
     fn dirs_parse_host_guest_and_mode() {
         let d = parse_dir("/tmp/x::/data:rw").unwrap();
-        assert_eq!((d.host.as_str(), d.guest.as_str(), d.writable), ("/tmp/x", "/data", true));
+        assert_eq!(
+            (d.host.as_str(), d.guest.as_str(), d.writable),
+            ("/tmp/x", "/data", true)
+        );
         let d = parse_dir("/tmp/x").unwrap();
-        assert_eq!((d.host.as_str(), d.guest.as_str(), d.writable), ("/tmp/x", "/tmp/x", false));
+        assert_eq!(
+            (d.host.as_str(), d.guest.as_str(), d.writable),
+            ("/tmp/x", "/tmp/x", false)
+        );
         let d = parse_dir("src::.:ro").unwrap();
         assert_eq!((d.guest.as_str(), d.writable), (".", false));
         assert!(parse_dir("::x").is_err());

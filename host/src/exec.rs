@@ -101,6 +101,9 @@ pub fn request(
     })
 }
 
+/// Sees each guest event as it is pumped (the CLI prints logs with it).
+pub type EventObserver = Box<dyn Fn(&GuestEvent) + Send + Sync>;
+
 /// Events buffered per task before a guest flood starts being coalesced.
 pub const EVENT_BUFFER: usize = 1024;
 
@@ -152,7 +155,7 @@ pub fn pump_events(
     db: Db,
     task_id: String,
     mut rx: mpsc::Receiver<GuestEvent>,
-    observe: Option<Box<dyn Fn(&GuestEvent) + Send + Sync>>,
+    observe: Option<EventObserver>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = Vec::new();
@@ -237,7 +240,11 @@ pub fn finish(report: TaskReport) -> Finish {
             exit_code = Some(*code);
             (
                 TaskState::Failed,
-                err(ErrorKind::ExitCode, None, format!("exited with code {code}")),
+                err(
+                    ErrorKind::ExitCode,
+                    None,
+                    format!("exited with code {code}"),
+                ),
             )
         }
         TaskEnd::Trapped { kind, message } => (
@@ -246,11 +253,19 @@ pub fn finish(report: TaskReport) -> Finish {
         ),
         TaskEnd::LimitExceeded(hit) => (
             TaskState::Failed,
-            err(ErrorKind::LimitExceeded, Some(hit.kind.as_str()), hit.to_string()),
+            err(
+                ErrorKind::LimitExceeded,
+                Some(hit.kind.as_str()),
+                hit.to_string(),
+            ),
         ),
         TaskEnd::TimedOut => (
             TaskState::TimedOut,
-            err(ErrorKind::Timeout, None, "the wall-clock timeout passed; the guest was stopped"),
+            err(
+                ErrorKind::Timeout,
+                None,
+                "the wall-clock timeout passed; the guest was stopped",
+            ),
         ),
         TaskEnd::Cancelled => {
             let message = match &report.cancel {
@@ -281,7 +296,9 @@ pub fn finish(report: TaskReport) -> Finish {
         finished_at: millis(report.finished_wall),
         output,
         partial_output: report.checkpoint.as_deref().map(json_or_text),
-        progress: report.progress.map(|(fraction, message)| Progress { fraction, message }),
+        progress: report
+            .progress
+            .map(|(fraction, message)| Progress { fraction, message }),
         error,
         exit_code,
         stdout: captured(report.stdout),

@@ -17,10 +17,16 @@ use crate::support::{self, json, request, spawn, with_events};
 fn neighbours() -> Vec<(RunningTask, serde_json::Value)> {
     let mut v = Vec::new();
     for i in 0..3 {
-        let t = spawn(request("cooperative", json!({"steps": 100, "work": 1_000_000})));
+        let t = spawn(request(
+            "cooperative",
+            json!({"steps": 100, "work": 1_000_000}),
+        ));
         v.push((t, json!({"done": 100, "partial": false, "i": i})));
     }
-    let t = spawn(request("hello", json!({"text": "neighbours stay intact", "op": "upper"})));
+    let t = spawn(request(
+        "hello",
+        json!({"text": "neighbours stay intact", "op": "upper"}),
+    ));
     v.push((t, json!({"text": "NEIGHBOURS STAY INTACT", "words": 3})));
     v
 }
@@ -61,7 +67,9 @@ async fn spinning_guest_is_stopped_and_neighbours_finish() {
     let target = spawn(request("spin-loop", json!(null)));
     target.started().await;
     assert_eq!(
-        target.cancel_handle().cancel("operator said so", Duration::ZERO),
+        target
+            .cancel_handle()
+            .cancel("operator said so", Duration::ZERO),
         CancelAck::Forced
     );
     let report = target.wait().await;
@@ -75,7 +83,9 @@ async fn sleeping_guest_is_stopped_and_neighbours_finish() {
     let others = neighbours();
     let target = spawn(request("sleeper", json!({"ms": 120_000})));
     target.started().await;
-    target.cancel_handle().cancel("operator said so", Duration::ZERO);
+    target
+        .cancel_handle()
+        .cancel("operator said so", Duration::ZERO);
     let report = target.wait().await;
     assert_forced_stop(&report, Duration::from_secs(120));
     check_neighbours(others).await;
@@ -90,7 +100,9 @@ async fn guest_blocked_on_stdin_is_stopped_and_neighbours_finish() {
     req.wasi.stdin = Stdin::Reader(Box::new(reader));
     let target = spawn(req);
     target.started().await;
-    target.cancel_handle().cancel("operator said so", Duration::ZERO);
+    target
+        .cancel_handle()
+        .cancel("operator said so", Duration::ZERO);
     let report = target.wait().await;
     assert_forced_stop(&report, Duration::from_secs(60));
     check_neighbours(others).await;
@@ -101,7 +113,9 @@ async fn stdin_wait_reads_what_it_is_given() {
     let mut req = request("stdin-wait", json!(null));
     req.wasi.stdin = Stdin::Bytes(b"twelve bytes".to_vec());
     let report = support::run(req).await;
-    let TaskEnd::Returned(out) = report.end else { panic!("{:?}", report.end) };
+    let TaskEnd::Returned(out) = report.end else {
+        panic!("{:?}", report.end)
+    };
     assert_eq!(json(&out)["bytes"], 12);
 }
 
@@ -112,22 +126,33 @@ async fn graceful_cancel_lets_cooperative_return_its_partial_result() {
     let task = spawn(req);
     support::wait_event(&mut events, |e| matches!(e, GuestEvent::Checkpoint { .. })).await;
     assert_eq!(
-        task.cancel_handle().cancel("please wrap up", Duration::from_secs(60)),
+        task.cancel_handle()
+            .cancel("please wrap up", Duration::from_secs(60)),
         CancelAck::Requested
     );
     let report = task.wait().await;
-    let TaskEnd::Returned(out) = &report.end else { panic!("{:?}", report.end) };
+    let TaskEnd::Returned(out) = &report.end else {
+        panic!("{:?}", report.end)
+    };
     let out = json(out);
     assert_eq!(out["partial"], true, "{out}");
     assert!(out["done"].as_u64().unwrap() >= 1);
     let cancel = report.cancel.expect("cancel outcome");
     assert!(cancel.observed, "the guest saw the request");
     assert!(!cancel.forced, "the guest returned by itself");
-    assert!(cancel.latency < Duration::from_secs(60), "returned within the grace");
+    assert!(
+        cancel.latency < Duration::from_secs(60),
+        "returned within the grace"
+    );
     // The guest's own cancel log line reached the event channel.
     let mut saw_warn = false;
     while let Ok(ev) = events.try_recv() {
-        if let GuestEvent::Log { level: "warn", message, .. } = ev {
+        if let GuestEvent::Log {
+            level: "warn",
+            message,
+            ..
+        } = ev
+        {
             saw_warn |= message.contains("please wrap up");
         }
     }
@@ -146,7 +171,12 @@ async fn forced_cancel_keeps_the_last_checkpoint() {
     task.cancel_handle().cancel("now", Duration::ZERO);
     let report = task.wait().await;
     assert_eq!(report.end, TaskEnd::Cancelled);
-    let checkpoint = json(report.checkpoint.as_deref().expect("checkpoint survives the stop"));
+    let checkpoint = json(
+        report
+            .checkpoint
+            .as_deref()
+            .expect("checkpoint survives the stop"),
+    );
     assert!(checkpoint["done"].as_u64().unwrap() >= 1, "{checkpoint}");
     assert!(report.progress.is_some(), "last progress survives too");
 }
@@ -161,12 +191,23 @@ async fn grace_runs_out_then_the_host_forces() {
     let task = spawn(req);
     support::wait_event(&mut events, |e| matches!(e, GuestEvent::Progress { .. })).await;
     let grace = Duration::from_millis(300);
-    assert_eq!(task.cancel_handle().cancel("slowly", grace), CancelAck::Requested);
+    assert_eq!(
+        task.cancel_handle().cancel("slowly", grace),
+        CancelAck::Requested
+    );
     let report = task.wait().await;
-    assert_eq!(report.end, TaskEnd::Cancelled, "ignored the request, so it was forced");
+    assert_eq!(
+        report.end,
+        TaskEnd::Cancelled,
+        "ignored the request, so it was forced"
+    );
     let cancel = report.cancel.unwrap();
     assert!(cancel.forced);
-    assert!(cancel.latency >= grace, "not forced before the grace ran out: {:?}", cancel.latency);
+    assert!(
+        cancel.latency >= grace,
+        "not forced before the grace ran out: {:?}",
+        cancel.latency
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,22 +220,36 @@ async fn a_second_cancel_without_grace_forces_at_once() {
     let task = spawn(req);
     support::wait_event(&mut events, |e| matches!(e, GuestEvent::Progress { .. })).await;
     let handle = task.cancel_handle();
-    assert_eq!(handle.cancel("first", Duration::from_secs(600)), CancelAck::Requested);
-    assert_eq!(handle.cancel("again", Duration::from_secs(900)), CancelAck::AlreadyRequested);
+    assert_eq!(
+        handle.cancel("first", Duration::from_secs(600)),
+        CancelAck::Requested
+    );
+    assert_eq!(
+        handle.cancel("again", Duration::from_secs(900)),
+        CancelAck::AlreadyRequested
+    );
     assert_eq!(handle.cancel("force", Duration::ZERO), CancelAck::Escalated);
     let report = task.wait().await;
     assert_eq!(report.end, TaskEnd::Cancelled);
     let cancel = report.cancel.unwrap();
-    assert_eq!(cancel.request.reason, "first", "the first request's reason stands");
+    assert_eq!(
+        cancel.request.reason, "first",
+        "the first request's reason stands"
+    );
     assert!(cancel.latency < Duration::from_secs(600));
-    assert_eq!(handle.cancel("late", Duration::ZERO), CancelAck::AlreadyFinished);
+    assert_eq!(
+        handle.cancel("late", Duration::ZERO),
+        CancelAck::AlreadyFinished
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_spinning_guests_each_stop_on_cancel() {
     // More guests than CPU slots: most are parked waiting for a slot when
     // cancelled, some are executing.
-    let tasks: Vec<_> = (0..40).map(|_| spawn(request("spin-loop", json!(null)))).collect();
+    let tasks: Vec<_> = (0..40)
+        .map(|_| spawn(request("spin-loop", json!(null))))
+        .collect();
     for t in &tasks {
         t.cancel_handle().cancel("operator said so", Duration::ZERO);
     }
@@ -204,5 +259,9 @@ async fn many_spinning_guests_each_stop_on_cancel() {
     }
     // The runtime still runs work afterwards.
     let report = support::run(request("hello", json!({"text": "still here"}))).await;
-    assert!(matches!(report.end, TaskEnd::Returned(_)), "{:?}", report.end);
+    assert!(
+        matches!(report.end, TaskEnd::Returned(_)),
+        "{:?}",
+        report.end
+    );
 }

@@ -29,8 +29,17 @@ fn run_json(db: &Path, args: &[&str]) -> (Output, Value) {
 }
 
 fn show_json(db: &Path, id: &str) -> Value {
-    let out = bin().args(["--output", "json", "--db"]).arg(db).args(["show", id]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bin()
+        .args(["--output", "json", "--db"])
+        .arg(db)
+        .args(["show", id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -38,8 +47,16 @@ fn show_json(db: &Path, id: &str) -> Value {
 fn run_records_a_successful_task() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("w.db");
-    let (out, v) = run_json(&db, &["hello", "--input", r#"{"text":"hi there","op":"title"}"#]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let (out, v) = run_json(
+        &db,
+        &["hello", "--input", r#"{"text":"hi there","op":"title"}"#],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(v["state"], "succeeded");
     assert_eq!(v["output"]["text"], "Hi There");
     let id = v["id"].as_str().unwrap();
@@ -61,7 +78,11 @@ fn run_prints_output_and_streams_command_stdout_in_text_mode() {
         .args(["run", "exit-with", "--env", "EXIT_CODE=7", "--", "alpha"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(7), "a command's exit code passes through");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "a command's exit code passes through"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("arg: alpha"), "{stdout}");
     assert!(stdout.contains("env: EXIT_CODE=7"), "{stdout}");
@@ -82,7 +103,16 @@ fn failures_map_to_exit_statuses_and_records() {
     assert_eq!(v["error"]["kind"], "trap");
     assert_eq!(v["error"]["detail"], "stack_overflow");
 
-    let (out, v) = run_json(&db, &["mem-hog", "--input", r#"{"mb":64}"#, "--max-memory", "16MiB"]);
+    let (out, v) = run_json(
+        &db,
+        &[
+            "mem-hog",
+            "--input",
+            r#"{"mb":64}"#,
+            "--max-memory",
+            "16MiB",
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(v["error"]["kind"], "limit_exceeded");
     assert_eq!(v["error"]["detail"], "memory");
@@ -90,8 +120,18 @@ fn failures_map_to_exit_statuses_and_records() {
     let (out, v) = run_json(&db, &["panicker"]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(v["error"]["detail"], "unreachable");
-    assert!(v["error"]["message"].as_str().unwrap().contains("deliberate panic"));
-    assert!(v["stderr"]["data"].as_str().unwrap().contains("about to panic"));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("deliberate panic")
+    );
+    assert!(
+        v["stderr"]["data"]
+            .as_str()
+            .unwrap()
+            .contains("about to panic")
+    );
 
     let (out, v) = run_json(&db, &["stdout-flood", "--input", r#"{"mb":3}"#]);
     assert_eq!(out.status.code(), Some(0));
@@ -134,7 +174,8 @@ fn start_run(db: &Path, args: &[&str]) -> (Child, std::thread::JoinHandle<String
         }
         all
     });
-    rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the task starts");
+    rx.recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the task starts");
     (child, reader)
 }
 
@@ -189,7 +230,13 @@ fn with_grace_the_first_sigint_lets_the_guest_return_a_partial_result() {
     let db = dir.path().join("w.db");
     let (child, reader) = start_run(
         &db,
-        &["cooperative", "--input", r#"{"steps":100000000,"work":100000}"#, "--grace", "60s"],
+        &[
+            "cooperative",
+            "--input",
+            r#"{"steps":100000000,"work":100000}"#,
+            "--grace",
+            "60s",
+        ],
     );
     signal(&child, libc::SIGINT);
     let (code, v, stderr) = finish(child, reader);
@@ -216,7 +263,10 @@ fn with_grace_a_second_signal_forces() {
     assert_eq!(v["id"], id);
     assert_eq!(v["state"], "canceled");
     assert_eq!(v["cancel"]["forced"], true);
-    assert_eq!(v["cancel"]["grace_ms"], 0, "the second signal lowered the grace");
+    assert_eq!(
+        v["cancel"]["grace_ms"], 0,
+        "the second signal lowered the grace"
+    );
 }
 
 /// Polls the database (through the binary) until some task is in `state`.
@@ -253,18 +303,45 @@ fn malformed_input_gets_exit_2_and_a_clear_message() {
         (vec!["/no/such/plugin.wasm".into()], "no such file"),
         (vec![text.display().to_string()], "not a WebAssembly file"),
         (vec![core.display().to_string()], "core WebAssembly module"),
-        (vec![empty_component.display().to_string()], "unsupported world"),
-        (vec!["hello".into(), "--input".into(), "{not json".into()], "not valid JSON"),
-        (vec!["hello".into(), "--max-memory".into(), "lots".into()], "invalid size"),
-        (vec!["hello".into(), "--dir".into(), "/no/such/dir".into()], "no such directory"),
-        (vec!["hello".into(), "--timeout".into(), "soon".into()], "invalid duration"),
+        (
+            vec![empty_component.display().to_string()],
+            "unsupported world",
+        ),
+        (
+            vec!["hello".into(), "--input".into(), "{not json".into()],
+            "not valid JSON",
+        ),
+        (
+            vec!["hello".into(), "--max-memory".into(), "lots".into()],
+            "invalid size",
+        ),
+        (
+            vec!["hello".into(), "--dir".into(), "/no/such/dir".into()],
+            "no such directory",
+        ),
+        (
+            vec!["hello".into(), "--timeout".into(), "soon".into()],
+            "invalid duration",
+        ),
     ];
     for (args, want) in cases {
-        let out = bin().arg("--db").arg(&db).arg("run").args(&args).output().unwrap();
+        let out = bin()
+            .arg("--db")
+            .arg(&db)
+            .arg("run")
+            .args(&args)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(want), "{args:?}: expected {want:?} in {stderr}");
-        assert!(stderr.lines().count() <= 6, "{args:?}: not a short message: {stderr}");
+        assert!(
+            stderr.contains(want),
+            "{args:?}: expected {want:?} in {stderr}"
+        );
+        assert!(
+            stderr.lines().count() <= 6,
+            "{args:?}: not a short message: {stderr}"
+        );
     }
 }
 
@@ -274,7 +351,12 @@ fn show_of_an_unknown_task_is_a_usage_error() {
     let db = dir.path().join("w.db");
     let (out, _) = run_json(&db, &["hello", "--input", r#"{"text":"x"}"#]);
     assert!(out.status.success());
-    let out = bin().arg("--db").arg(&db).args(["show", "t_nope"]).output().unwrap();
+    let out = bin()
+        .arg("--db")
+        .arg(&db)
+        .args(["show", "t_nope"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no task t_nope"));
 }

@@ -10,7 +10,10 @@ use crate::support::{json, request, run};
 async fn args_env_and_exit_code_reach_the_command() {
     let mut req = request("exit-with", json!(null));
     req.wasi.args = vec!["first".into(), "second arg".into()];
-    req.wasi.env = vec![("EXIT_CODE".into(), "3".into()), ("COLOR".into(), "blue".into())];
+    req.wasi.env = vec![
+        ("EXIT_CODE".into(), "3".into()),
+        ("COLOR".into(), "blue".into()),
+    ];
     let report = run(req).await;
     assert_eq!(report.end, TaskEnd::Exited(3));
     let out = String::from_utf8_lossy(&report.stdout.data).into_owned();
@@ -18,7 +21,11 @@ async fn args_env_and_exit_code_reach_the_command() {
     assert!(out.contains("arg: second arg\n"), "{out}");
     assert!(out.contains("env: COLOR=blue\n"), "{out}");
     assert!(out.contains("env: EXIT_CODE=3\n"), "{out}");
-    assert_eq!(out.matches("env: ").count(), 2, "nothing else is inherited: {out}");
+    assert_eq!(
+        out.matches("env: ").count(),
+        2,
+        "nothing else is inherited: {out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +48,12 @@ async fn wc_counts_a_preopened_directory() {
     });
     req.wasi.args = vec!["--json".into(), "/src".into()];
     let report = run(req).await;
-    assert_eq!(report.end, TaskEnd::Exited(0), "stderr: {}", String::from_utf8_lossy(&report.stderr.data));
+    assert_eq!(
+        report.end,
+        TaskEnd::Exited(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&report.stderr.data)
+    );
     let out = json(&report.stdout.data);
     assert_eq!(out["total"]["lines"], 3, "{out}");
     assert_eq!(out["total"]["words"], 4, "{out}");

@@ -15,6 +15,8 @@
 //!   malformed input.
 //! - `fixtures`: every plugin in `plugins/` is exercised by some test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod cancel;
 mod cli;
 mod commands;

@@ -24,7 +24,9 @@ async fn the_probe_finds_nothing_it_should_not() {
         writable: false,
     });
     let report = run(req).await;
-    let TaskEnd::Returned(out) = &report.end else { panic!("{:?}", report.end) };
+    let TaskEnd::Returned(out) = &report.end else {
+        panic!("{:?}", report.end)
+    };
     let out = json(out);
     assert_eq!(out["readable"], json!([]), "host files leaked: {out}");
     assert_eq!(out["env"], json!([]), "host environment leaked: {out}");
@@ -38,7 +40,9 @@ async fn only_the_given_environment_is_visible() {
     let mut req = request("sandbox-probe", json!({"ro_dir": null}));
     req.wasi.env.push(("GIVEN".into(), "yes".into()));
     let report = run(req).await;
-    let TaskEnd::Returned(out) = &report.end else { panic!("{:?}", report.end) };
+    let TaskEnd::Returned(out) = &report.end else {
+        panic!("{:?}", report.end)
+    };
     assert_eq!(json(out)["env"], json!(["GIVEN"]));
 }
 
@@ -53,8 +57,14 @@ async fn a_writable_dir_can_be_written() {
         writable: true,
     });
     let report = run(req).await;
-    let TaskEnd::Returned(out) = &report.end else { panic!("{:?}", report.end) };
-    assert_eq!(json(out)["ro_write"], true, "the probe can tell a writable dir");
+    let TaskEnd::Returned(out) = &report.end else {
+        panic!("{:?}", report.end)
+    };
+    assert_eq!(
+        json(out)["ro_write"],
+        true,
+        "the probe can tell a writable dir"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

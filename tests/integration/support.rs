@@ -62,7 +62,10 @@ pub fn with_events(req: &mut TaskRequest) -> mpsc::Receiver<GuestEvent> {
 }
 
 /// Waits for the first event matching `pred` (the guest reached that point).
-pub async fn wait_event(rx: &mut mpsc::Receiver<GuestEvent>, pred: impl Fn(&GuestEvent) -> bool) -> GuestEvent {
+pub async fn wait_event(
+    rx: &mut mpsc::Receiver<GuestEvent>,
+    pred: impl Fn(&GuestEvent) -> bool,
+) -> GuestEvent {
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(60), rx.recv())
             .await
@@ -75,14 +78,15 @@ pub async fn wait_event(rx: &mut mpsc::Receiver<GuestEvent>, pred: impl Fn(&Gues
 }
 
 pub fn json(bytes: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(bytes).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes))
-    })
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(bytes)))
 }
 
 /// The real binary, built by cargo for these tests.
 pub fn bin() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_wasmtask"));
-    c.env_remove("WASMTASK_DB").env_remove("WASMTASK_LOG").env("RUST_LIB_BACKTRACE", "0");
+    c.env_remove("WASMTASK_DB")
+        .env_remove("WASMTASK_LOG")
+        .env("RUST_LIB_BACKTRACE", "0");
     c
 }

@@ -188,7 +188,8 @@ impl CancelState {
                     let new_deadline = now + grace;
                     if new_deadline < existing.requested_at + existing.grace {
                         // Keep who asked first and when; only shorten the grace.
-                        existing.grace = new_deadline.saturating_duration_since(existing.requested_at);
+                        existing.grace =
+                            new_deadline.saturating_duration_since(existing.requested_at);
                         if grace.is_zero() {
                             (CancelAck::Escalated, true)
                         } else {

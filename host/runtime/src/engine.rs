@@ -241,11 +241,17 @@ impl EngineSet {
                 Ok(e) => (e, true),
                 Err(e) => {
                     tracing::warn!(error = %e, "pooling allocator unavailable; using on-demand allocation");
-                    (Engine::new(&engine_config(cfg, false, false)).map_err(wt)?, false)
+                    (
+                        Engine::new(&engine_config(cfg, false, false)).map_err(wt)?,
+                        false,
+                    )
                 }
             }
         } else {
-            (Engine::new(&engine_config(cfg, false, false)).map_err(wt)?, false)
+            (
+                Engine::new(&engine_config(cfg, false, false)).map_err(wt)?,
+                false,
+            )
         };
         let plain_linker = linker(&plain).map_err(wt)?;
         Ok(EngineSet {
@@ -279,7 +285,12 @@ fn classify(component: &Component, engine: &Engine) -> Result<PluginKind, LoadEr
     let ty = component.component_type();
     let mut names = Vec::new();
     for (name, item) in ty.exports(engine) {
-        if name == "run" && matches!(item.ty, wasmtime::component::types::ComponentItem::ComponentFunc(_)) {
+        if name == "run"
+            && matches!(
+                item.ty,
+                wasmtime::component::types::ComponentItem::ComponentFunc(_)
+            )
+        {
             return Ok(PluginKind::Task);
         }
         if name.starts_with("wasi:cli/run@0.2") {
@@ -312,9 +323,11 @@ impl Runtime {
     /// Creates the engine(s) and starts the epoch ticker.
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
         let engines = EngineSet::new(&config)?;
-        let slots = config
-            .cpu_slots
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let slots = config.cpu_slots.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
         let stop_ticker = Arc::new(AtomicBool::new(false));
         let inner = Arc::new(RuntimeInner {
             slots: Arc::new(Slots::new(slots)),
@@ -358,7 +371,13 @@ impl Runtime {
             return Err(LoadError::CoreModule);
         }
         let digest = format!("sha256:{:x}", Sha256::digest(bytes));
-        if let Some(p) = self.inner.cache.lock().ok().and_then(|c| c.get(&digest).cloned()) {
+        if let Some(p) = self
+            .inner
+            .cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&digest).cloned())
+        {
             return Ok(p);
         }
         let engine = &self.inner.engines.plain;
@@ -423,26 +442,26 @@ impl Runtime {
                 if fuel { "-fuel" } else { "" }
             ))
         });
-        if let Some(path) = &cache_path {
-            if path.exists() {
-                // SAFETY: files in the cache directory are written only by
-                // `Component::serialize` of this process family (below), keyed
-                // by the engine's compatibility hash; user bytes are never
-                // deserialized. A corrupt file fails to load and is recompiled.
-                match unsafe { Component::deserialize_file(engine, path) } {
-                    Ok(c) => return Ok(c),
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cached component");
-                    }
+        if let Some(path) = &cache_path
+            && path.exists()
+        {
+            // SAFETY: files in the cache directory are written only by
+            // `Component::serialize` of this process family (below), keyed
+            // by the engine's compatibility hash; user bytes are never
+            // deserialized. A corrupt file fails to load and is recompiled.
+            match unsafe { Component::deserialize_file(engine, path) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cached component");
                 }
             }
         }
-        let component =
-            Component::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        if let Some(path) = &cache_path {
-            if let Err(e) = write_cache(path, &component) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot write component cache");
-            }
+        let component = Component::from_binary(engine, bytes)
+            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+        if let Some(path) = &cache_path
+            && let Err(e) = write_cache(path, &component)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write component cache");
         }
         Ok(component)
     }
@@ -460,10 +479,7 @@ fn write_cache(path: &std::path::Path, component: &Component) -> anyhow::Result<
     Ok(())
 }
 
-fn spawn_ticker(
-    rt: std::sync::Weak<RuntimeInner>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
+fn spawn_ticker(rt: std::sync::Weak<RuntimeInner>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let tick = rt
         .upgrade()
         .map(|r| r.config.epoch_tick)

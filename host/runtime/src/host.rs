@@ -62,11 +62,17 @@ pub enum GuestEvent {
         message: String,
     },
     /// A checkpoint was taken (its bytes are in [`Shared::checkpoint`]).
-    Checkpoint { bytes: usize },
+    Checkpoint {
+        bytes: usize,
+    },
     /// The guest saw the pending cancel for the first time.
-    CancelObserved { reason: String },
+    CancelObserved {
+        reason: String,
+    },
     /// This many events did not fit in the channel and were dropped.
-    Dropped { count: u64 },
+    Dropped {
+        count: u64,
+    },
 }
 
 /// State shared between the store and the outside world; it outlives the
@@ -254,11 +260,11 @@ impl wasmtask::task::host::Host for StoreData {
 
     fn cancel_requested(&mut self) -> Option<String> {
         let reason = self.cancel.observe();
-        if let Some(r) = &reason {
-            if !self.observed_reported {
-                self.observed_reported = true;
-                self.emit(GuestEvent::CancelObserved { reason: r.clone() });
-            }
+        if let Some(r) = &reason
+            && !self.observed_reported
+        {
+            self.observed_reported = true;
+            self.emit(GuestEvent::CancelObserved { reason: r.clone() });
         }
         reason
     }

@@ -136,7 +136,11 @@ impl wasmtime::ResourceLimiter for Limiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired as u64 > self.max_table_elements {
-            self.refuse(LimitKind::TableElements, desired as u64, self.max_table_elements);
+            self.refuse(
+                LimitKind::TableElements,
+                desired as u64,
+                self.max_table_elements,
+            );
             return Ok(false);
         }
         Ok(true)

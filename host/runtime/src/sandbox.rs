@@ -171,7 +171,11 @@ impl Pollable for Capture {
 }
 
 impl AsyncWrite for Capture {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -208,7 +212,9 @@ pub enum SandboxError {
     Preopen { host: String, message: String },
     #[error("invalid guest path {0:?}: it must be non-empty and contain no NUL")]
     GuestPath(String),
-    #[error("invalid environment variable {0:?}: names must be non-empty and contain no '=' or NUL")]
+    #[error(
+        "invalid environment variable {0:?}: names must be non-empty and contain no '=' or NUL"
+    )]
     EnvName(String),
 }
 

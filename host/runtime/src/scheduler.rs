@@ -240,7 +240,11 @@ mod tests {
         for j in joins {
             j.await.unwrap();
         }
-        assert!(peak.load(Ordering::SeqCst) <= 2, "peak {}", peak.load(Ordering::SeqCst));
+        assert!(
+            peak.load(Ordering::SeqCst) <= 2,
+            "peak {}",
+            peak.load(Ordering::SeqCst)
+        );
         assert_eq!(slots.waiting(), 0);
     }
 
@@ -252,7 +256,10 @@ mod tests {
         let blocked = Slotted::new(Arc::clone(&slots), std::future::pending::<()>());
         let h = tokio::spawn(blocked);
         tokio::task::yield_now().await;
-        let waiter = tokio::spawn(Slotted::new(Arc::clone(&slots), std::future::pending::<()>()));
+        let waiter = tokio::spawn(Slotted::new(
+            Arc::clone(&slots),
+            std::future::pending::<()>(),
+        ));
         tokio::task::yield_now().await;
         waiter.abort();
         let _ = waiter.await;

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use crate::cancel::{CancelHandle, CancelRequest, CancelState, StopCause};
-use crate::engine::{PluginKind, Plugin, Prepared, Runtime, wt};
+use crate::engine::{Plugin, PluginKind, Prepared, Runtime, wt};
 use crate::host::{GuestEvent, GuestTaskError, Shared, StoreData};
 use crate::limits::{LimitHit, LimitKind, Limiter, TaskLimits};
 use crate::sandbox::{self, Capture, Captured, SandboxError, WasiSpec};
@@ -59,7 +59,10 @@ pub enum TaskEnd {
     /// A task plugin returned output bytes.
     Returned(Vec<u8>),
     /// A task plugin returned an error.
-    GuestError { kind: GuestErrorKind, message: String },
+    GuestError {
+        kind: GuestErrorKind,
+        message: String,
+    },
     /// A command exited with this code (0 = success).
     Exited(i32),
     /// The guest trapped. `kind` is snake_case (`stack_overflow`,
@@ -305,12 +308,20 @@ impl Driver {
             }
             // Give up the CPU slot for one poll: the next waiter runs, the
             // worker gets back to the scheduler (I/O, API requests).
-            Ok(UpdateDeadline::YieldCustom(1, Box::pin(YieldOnce::default())))
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(YieldOnce::default()),
+            ))
         });
-        if let Some(f) = self.fuel {
-            if let Err(e) = store.set_fuel(f) {
-                return self.report(TaskEnd::StartFailed(format!("cannot set fuel: {e}")), 0, None, started);
-            }
+        if let Some(f) = self.fuel
+            && let Err(e) = store.set_fuel(f)
+        {
+            return self.report(
+                TaskEnd::StartFailed(format!("cannot set fuel: {e}")),
+                0,
+                None,
+                started,
+            );
         }
 
         let prepared = if self.fuel.is_some() {
@@ -318,11 +329,16 @@ impl Driver {
                 // First fuel task of this plugin: compile the metered variant
                 // off the async runtime.
                 let (rt, plugin) = (self.rt.clone(), self.plugin.clone());
-                let compiled = tokio::task::spawn_blocking(move || rt.fuel_variant(&plugin).map(|_| ())).await;
+                let compiled =
+                    tokio::task::spawn_blocking(move || rt.fuel_variant(&plugin).map(|_| ())).await;
                 match compiled {
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => return self.report(TaskEnd::StartFailed(e.to_string()), 0, None, started),
-                    Err(e) => return self.report(TaskEnd::StartFailed(e.to_string()), 0, None, started),
+                    Ok(Err(e)) => {
+                        return self.report(TaskEnd::StartFailed(e.to_string()), 0, None, started);
+                    }
+                    Err(e) => {
+                        return self.report(TaskEnd::StartFailed(e.to_string()), 0, None, started);
+                    }
                 }
             }
             self.plugin.inner.fuel.get()
@@ -450,7 +466,13 @@ impl Driver {
         TaskEnd::StartFailed(cap(format!("{:?}", wt(e))))
     }
 
-    fn report(&self, end: TaskEnd, peak_memory: u64, fuel_consumed: Option<u64>, started: Instant) -> TaskReport {
+    fn report(
+        &self,
+        end: TaskEnd,
+        peak_memory: u64,
+        fuel_consumed: Option<u64>,
+        started: Instant,
+    ) -> TaskReport {
         self.cancel.mark_finished();
         // Wake anyone waiting for the start: the attempt is over either way.
         self.shared.started.send_replace(true);
