@@ -332,6 +332,7 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
         grace_ms: args
             .grace
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        ..TaskSpec::default()
     };
 
     let data_dir = db_path.parent().map(Path::to_path_buf).unwrap_or_default();

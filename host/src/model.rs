@@ -262,6 +262,14 @@ pub struct TaskSpec {
     /// Default grace for cancels that do not name one, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
+    /// Lock keys: tasks sharing a key never run at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<String>,
+    /// Within a run: this task's key, and the keys it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
 }
 
 /// The full record of one task, as `show` and the API return it.
@@ -467,4 +475,203 @@ pub struct CancelStop {
     pub acknowledged: bool,
     pub forced: bool,
     pub latency_us: u64,
+}
+
+// ---------------------------------------------------------------------------
+// API shapes: what clients send and get back over HTTP (see docs/api.md).
+// The server, the service and the CLI client share them.
+// ---------------------------------------------------------------------------
+
+/// What to do with a streamed submission when its client goes away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// Cancel the task (reason `client_disconnected`). The default for streams.
+    #[default]
+    Cancel,
+    /// Let it run; its record and events stay queryable.
+    Detach,
+}
+
+/// `POST /v1/tasks` body, and each task of `POST /v1/runs`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSubmit {
+    /// Plugin name or id (`sha256:…`).
+    pub plugin: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dirs: Vec<DirSpec>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<String>,
+    /// Attempts allowed (a host restart re-queues while attempts remain). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Run tasks only: this task's key within the run, and the keys it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// Answer with an SSE stream of the task's events instead of the record.
+    #[serde(default)]
+    pub stream: bool,
+    /// For streamed submissions: what a client disconnect does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_disconnect: Option<OnDisconnect>,
+}
+
+impl TaskSubmit {
+    /// The stored spec of this submission.
+    pub fn spec(&self) -> TaskSpec {
+        TaskSpec {
+            input: self.input.clone(),
+            args: self.args.clone(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            stdin: self.stdin.clone(),
+            dirs: self.dirs.clone(),
+            limits: self.limits.clone(),
+            grace_ms: self.grace_ms,
+            locks: self.locks.clone(),
+            key: self.key.clone(),
+            needs: self.needs.clone(),
+        }
+    }
+}
+
+/// `POST /v1/runs` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSubmit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// When a task fails, abort the rest of the run.
+    #[serde(default)]
+    pub fail_fast: bool,
+    /// Each with a unique `key`; `needs` name other keys of this run.
+    pub tasks: Vec<TaskSubmit>,
+}
+
+/// `POST /v1/tasks/{id}/cancel` body (every field optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Grace before a forced stop; default: the task's own `grace_ms`, else 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+    /// Wait up to this long for the task to reach `canceled` (then 200, else 202).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// `POST /v1/runs/{id}/abort` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbortBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+    /// Wait up to this long for every task to end before answering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u64>,
+}
+
+/// States of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    /// Abort requested; tasks are being stopped.
+    Aborting,
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Aborting => "aborting",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Aborted => "aborted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunState> {
+        [
+            RunState::Running,
+            RunState::Aborting,
+            RunState::Succeeded,
+            RunState::Failed,
+            RunState::Aborted,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Aborted
+        )
+    }
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub state: RunState,
+    pub fail_fast: bool,
+    pub created_at: UnixMillis,
+    pub finished_at: Option<UnixMillis>,
+    /// Set once an abort was requested (explicitly, or by fail-fast).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort: Option<RunAbort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunAbort {
+    pub actor: String,
+    pub reason: String,
+    pub requested_at: UnixMillis,
+}
+
+/// A run with its tasks (`GET /v1/runs/{id}`, `POST /v1/runs`, abort).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunView {
+    pub run: RunRecord,
+    pub tasks: Vec<TaskRecord>,
+}
+
+/// The API's error body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable, machine-readable (`not_found`, `task_finished`, `invalid_spec`, …).
+    pub code: String,
+    pub message: String,
+    /// For `task_finished` (409): the unchanged record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Box<TaskRecord>>,
 }

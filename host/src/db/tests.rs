@@ -260,6 +260,9 @@ async fn insert_then_get_round_trips_every_field() {
             fuel: Some(u64::MAX),
         },
         grace_ms: Some(250),
+        locks: vec!["deploy".into()],
+        key: Some("build".into()),
+        needs: vec!["fetch".into()],
     };
     let new = NewTask {
         id: new_task_id(),
