@@ -580,18 +580,9 @@ pub struct CancelBody {
     pub wait_ms: Option<u64>,
 }
 
-/// `POST /v1/runs/{id}/abort` body.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AbortBody {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grace_ms: Option<u64>,
-    /// Wait up to this long for every task to end before answering.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wait_ms: Option<u64>,
-}
+/// `POST /v1/runs/{id}/abort` body: the same fields as a cancel, applied to
+/// every task of the run (`wait_ms` waits for all of them).
+pub type AbortBody = CancelBody;
 
 /// States of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
