@@ -391,6 +391,11 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
     let io = LocalIo { tee: text, stdin };
     let request = exec::request(plugin, &name, &spec, io, Some(tx))
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    // Watch signals before the guest exists: a Ctrl+C during instantiation
+    // must cancel and be recorded, not kill the process and leave the task
+    // `running` in the database.
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let running = match rt.spawn(request) {
         Ok(r) => r,
         Err(e) => {
@@ -420,8 +425,6 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
     running.started().await;
     tracing::info!(task = %id, plugin = %name, "task started");
     let cancel = running.cancel_handle();
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let wait = running.wait();
     tokio::pin!(wait);
     let mut signals = 0u32;

@@ -282,14 +282,11 @@ pub fn finish(report: TaskReport) -> Finish {
             err(ErrorKind::HostError, None, message.clone()),
         ),
     };
-    let cancel_stopped = report.cancel.as_ref().map(|c| {
-        let forced = matches!(report.end, TaskEnd::Cancelled);
-        CancelStop {
-            stopped_at: millis(c.stopped_wall),
-            acknowledged: c.observed && !forced,
-            forced,
-            latency_us: u64::try_from(c.latency.as_micros()).unwrap_or(u64::MAX),
-        }
+    let cancel_stopped = report.cancel.as_ref().map(|c| CancelStop {
+        stopped_at: millis(c.stopped_wall),
+        acknowledged: c.observed && !c.forced,
+        forced: c.forced,
+        latency_us: u64::try_from(c.latency.as_micros()).unwrap_or(u64::MAX),
     });
     Finish {
         state,

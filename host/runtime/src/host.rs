@@ -133,7 +133,6 @@ pub struct StoreData {
 }
 
 impl StoreData {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         wasi: WasiCtx,
         limiter: Limiter,
@@ -141,7 +140,6 @@ impl StoreData {
         shared: Arc<Shared>,
         events: Option<mpsc::Sender<GuestEvent>>,
         caps: GuestCaps,
-        deadline: Option<std::time::Instant>,
     ) -> StoreData {
         StoreData {
             wasi,
@@ -151,7 +149,8 @@ impl StoreData {
             shared,
             events,
             caps,
-            deadline,
+            // Set by the driver when the attempt starts.
+            deadline: None,
             observed_reported: false,
         }
     }

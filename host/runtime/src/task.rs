@@ -247,7 +247,6 @@ impl Runtime {
             Arc::clone(&shared),
             req.events,
             cfg.caps,
-            None,
         );
         let join = handle.spawn(driver.run(data));
         Ok(RunningTask {
