@@ -20,10 +20,14 @@
 //!   cancel recorded first turns a later `failed`/`timed_out` into `canceled`.
 //! - **Lifecycle events share the transaction of the change they announce.**
 //!   `task.queued`, `task.started`, `task.cancel_requested`,
-//!   `task.cancel_acknowledged`, `task.cancel_forced` and the terminal events
-//!   are written only by this module, next to the state change; callers may
-//!   not append them through [`Db::append_events`]. A reader therefore never
-//!   sees a terminal state without its event, nor the reverse.
+//!   `task.cancel_acknowledged`, `task.cancel_forced`, the terminal events,
+//!   `run.created`, `run.abort_requested` and `run.finished` are written only
+//!   by this module, next to the state change; callers may not append them
+//!   through [`Db::append_events`]. A reader therefore never sees a terminal
+//!   state without its event, nor the reverse.
+//! - **Event watch.** [`Db::watch_events`] carries the highest committed
+//!   event `seq`; the writer raises it only after the commit that stored the
+//!   events, so a stream woken by it always finds them (no polling needed).
 //! - **Reads run beside the writer.** WAL mode lets readers see the last
 //!   committed state while the writer works. Reads run on
 //!   `tokio::task::spawn_blocking` with a small pool of read-only
@@ -54,10 +58,12 @@
 //! # Errors
 //!
 //! This is a library boundary, so errors are typed ([`DbError`]): callers map
-//! `TaskNotFound` to 404, `CancelNotRequested`/`NotTerminal` to programming
-//! errors, and everything else to 500, without parsing messages. Outcomes that
+//! `TaskNotFound`/`RunNotFound` to 404, `BadCursor` to 400,
+//! `CancelNotRequested`/`NotTerminal`/`RunNotTerminal` to programming errors,
+//! and everything else to 500, without parsing messages. Outcomes that
 //! are not errors for the caller (a cancel of a finished task, a start of a
-//! canceled task) are variants of [`CancelDecision`] and [`StartDecision`].
+//! canceled task, an abort of a finished run) are variants of
+//! [`CancelDecision`], [`StartDecision`] and [`RunAbortDecision`].
 //!
 //! # Cancellation safety
 //!
@@ -68,6 +74,7 @@ mod events;
 mod ids;
 mod plugins;
 mod readers;
+mod runs;
 mod schema;
 mod tasks;
 mod writer;
@@ -81,14 +88,16 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::model::{
-    Event, Finish, NewEvent, PluginKind, TaskRecord, TaskSpec, TaskState, UnixMillis,
+    Event, Finish, NewEvent, PluginKind, RunRecord, RunState, RunView, TaskRecord, TaskSpec,
+    TaskState, UnixMillis,
 };
 
 pub use events::{MAX_EVENT_DATA_BYTES, MAX_EVENT_MESSAGE_BYTES, MAX_EVENTS_PAGE};
-pub use ids::new_task_id;
+pub use ids::{new_run_id, new_task_id};
+pub use runs::{DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE};
 pub use tasks::{
     DEFAULT_TASKS_PAGE, MAX_ERROR_TEXT_BYTES, MAX_PARTIAL_OUTPUT_BYTES, MAX_TASKS_PAGE,
 };
@@ -115,12 +124,16 @@ pub enum DbError {
     /// `finish` was given a state that is not terminal.
     #[error("task {id} cannot finish in state {state}: not a terminal state")]
     NotTerminal { id: String, state: TaskState },
+    /// `finish_run` was given a state that is not terminal.
+    #[error("run {id} cannot finish in state {}: not a terminal state", .state.as_str())]
+    RunNotTerminal { id: String, state: RunState },
     /// `append_events` was given an event that only the database writes,
     /// together with the state change it announces.
     #[error("event {kind} is written by the database itself and cannot be appended")]
     ReservedEvent { kind: &'static str },
-    /// The paging cursor names a task that does not exist.
-    #[error("cursor task {0} not found")]
+    /// The paging cursor names a task (or, for `list_runs`, a run) that does
+    /// not exist.
+    #[error("cursor {0} not found")]
     BadCursor(String),
     #[error("cannot create database directory {path}: {source}")]
     CreateDir {
@@ -220,24 +233,44 @@ pub struct PluginRow {
     pub created_at: UnixMillis,
 }
 
-/// A run to create: a group of tasks that can be aborted together.
+/// A run to create (state `running`): a group of tasks that can be aborted
+/// together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRun {
+    /// Usually [`new_run_id`].
     pub id: String,
     pub name: Option<String>,
+    /// When a task fails, abort the rest (recorded; the service acts on it).
+    pub fail_fast: bool,
     pub created_at: UnixMillis,
 }
 
-/// A stored run (minimal for now: a later change adds run states and aborts).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunRow {
-    pub id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// `running` from creation on (the only state so far).
-    pub state: String,
-    pub created_at: UnixMillis,
-    pub finished_at: Option<UnixMillis>,
+/// An abort of a run, as asked by a user or by fail-fast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAbortRequest {
+    /// Who asks (`api:<token>`, `cli`, `fail_fast`, …). Capped at
+    /// [`MAX_ACTOR_BYTES`].
+    pub actor: String,
+    /// Why, for humans. Capped at [`MAX_REASON_BYTES`].
+    pub reason: String,
+    pub requested_at: UnixMillis,
+}
+
+/// What `request_run_abort` decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunAbortDecision {
+    /// No run has this id.
+    NotFound,
+    /// The run had already ended; the record is unchanged.
+    AlreadyFinished(RunRecord),
+    /// The run is now (or already was) `aborting`; `run.abort` is the stored
+    /// abort. The caller stops dispatching and cancels the run's tasks.
+    Requested {
+        run: RunRecord,
+        /// This request recorded the abort (`false`: a repeat, which returns
+        /// the stored abort — original actor, reason, requested_at).
+        first: bool,
+    },
 }
 
 /// A task to insert in state `queued`.
@@ -249,7 +282,7 @@ pub struct NewTask {
     pub plugin_id: String,
     pub plugin_name: String,
     pub plugin_kind: PluginKind,
-    /// Must name a stored run when set.
+    /// Must name a stored run when set ([`Db::insert_run`] sets it to its run).
     pub run_id: Option<String>,
     pub spec: TaskSpec,
     /// Attempts allowed, at least 1 (0 is stored as 1). A task interrupted by
@@ -361,6 +394,8 @@ pub struct Db {
 struct Inner {
     writer: mpsc::Sender<Box<dyn writer::Job>>,
     stats: Arc<writer::Stats>,
+    /// Highest committed event `seq`, published by the writer after each commit.
+    last_seq: Arc<watch::Sender<i64>>,
     readers: Arc<readers::Readers>,
     path: PathBuf,
 }
@@ -386,7 +421,7 @@ impl Db {
         let opened = {
             let path = path.clone();
             let options = options.clone();
-            tokio::task::spawn_blocking(move || -> Result<Connection> {
+            tokio::task::spawn_blocking(move || -> Result<(Connection, i64)> {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
                         path: parent.to_path_buf(),
@@ -395,18 +430,27 @@ impl Db {
                 }
                 let mut conn = schema::open_writer(&path, &options)?;
                 schema::migrate(&mut conn)?;
-                Ok(conn)
+                let last_seq = writer::max_event_seq(&conn)?;
+                Ok((conn, last_seq))
             })
             .await
             .map_err(|e| DbError::Blocking(e.to_string()))??
         };
+        let (opened, last_seq) = opened;
         let stats = Arc::new(writer::Stats::default());
-        let sender = writer::spawn(opened, options.write_queue.max(1), stats.clone())?;
+        let last_seq = Arc::new(watch::Sender::new(last_seq));
+        let sender = writer::spawn(
+            opened,
+            options.write_queue.max(1),
+            stats.clone(),
+            last_seq.clone(),
+        )?;
         let readers = Arc::new(readers::Readers::new(path.clone(), &options));
         Ok(Db {
             inner: Arc::new(Inner {
                 writer: sender,
                 stats,
+                last_seq,
                 readers,
                 path,
             }),
@@ -441,15 +485,92 @@ impl Db {
         self.read(plugins::list).await
     }
 
-    /// Creates a run (state `running`) and its `run.created` event.
-    pub async fn insert_run(&self, run: NewRun) -> Result<RunRow> {
-        self.write(move |conn| plugins::insert_run(conn, &run))
+    /// Watches the event trail: the value is the highest event `seq`
+    /// committed so far (the last one stored when the database was opened,
+    /// 0 for none). The writer raises it after each transaction that wrote
+    /// events has committed, never before, and it never goes down: after
+    /// seeing `N`, [`Db::events`] and [`Db::run_events`] return every event
+    /// with `seq <= N`. Values may be skipped (one update per committed batch);
+    /// read the events after your last `seq`, not `N` alone. Events written by
+    /// another process sharing the file show up with this process's next write.
+    pub fn watch_events(&self) -> watch::Receiver<i64> {
+        self.inner.last_seq.subscribe()
+    }
+
+    /// Creates a run (state `running`) with its tasks in ONE transaction: the
+    /// run and its `run.created` event, then every task (`queued`, its
+    /// `run_id` set to this run whatever it named) with its `task.queued`
+    /// event, in the order given. All or nothing: an unknown plugin, a
+    /// duplicate task id or an existing run id stores none of it. When this
+    /// returns, the run is durable; the tasks come back in the order given.
+    pub async fn insert_run(&self, run: NewRun, tasks: Vec<NewTask>) -> Result<RunView> {
+        self.write(move |conn| runs::insert(conn, &run, tasks))
             .await
     }
 
-    pub async fn get_run(&self, id: &str) -> Result<Option<RunRow>> {
+    /// A run by id.
+    pub async fn get_run(&self, id: &str) -> Result<Option<RunRecord>> {
         let id = id.to_owned();
-        self.read(move |conn| plugins::get_run(conn, &id)).await
+        self.read(move |conn| runs::get(conn, &id)).await
+    }
+
+    /// A run and all its tasks, ordered by `queued_at` and then insertion
+    /// order (so the order [`Db::insert_run`] was given, even within one
+    /// millisecond), read from one snapshot.
+    pub async fn run_view(&self, id: &str) -> Result<Option<RunView>> {
+        let id = id.to_owned();
+        self.read(move |conn| runs::view(conn, &id)).await
+    }
+
+    /// Runs newest first (by `created_at`, then id), one page at a time:
+    /// `limit` defaults to [`DEFAULT_RUNS_PAGE`] and is capped at
+    /// [`MAX_RUNS_PAGE`] (0 returns nothing); `cursor` is the id of the last
+    /// run of the previous page ([`DbError::BadCursor`] if unknown).
+    pub async fn list_runs(
+        &self,
+        limit: Option<usize>,
+        cursor: Option<String>,
+    ) -> Result<Vec<RunRecord>> {
+        self.read(move |conn| runs::list(conn, limit, cursor.as_deref()))
+            .await
+    }
+
+    /// Runs not yet finished (`running` or `aborting`), oldest first: what a
+    /// starting server must drive to an end.
+    pub async fn unfinished_runs(&self) -> Result<Vec<RunRecord>> {
+        self.read(runs::unfinished).await
+    }
+
+    /// Records an abort of a run and decides what it means, in one
+    /// transaction (see [`RunAbortDecision`]): `running` becomes `aborting`
+    /// with the abort record and a `run.abort_requested {actor, reason}`
+    /// event; a repeat on an `aborting` run returns the stored abort
+    /// (`first: false`) and writes nothing. The run's tasks are not touched:
+    /// the caller cancels them.
+    pub async fn request_run_abort(
+        &self,
+        id: &str,
+        req: RunAbortRequest,
+    ) -> Result<RunAbortDecision> {
+        let id = id.to_owned();
+        self.write(move |conn| runs::request_abort(conn, &id, &req))
+            .await
+    }
+
+    /// Ends a run in `state` (`succeeded`, `failed` or `aborted`, else
+    /// [`DbError::RunNotTerminal`]) with a `run.finished {state}` event.
+    /// A finished run is returned unchanged, without an event (idempotent);
+    /// an unknown one is [`DbError::RunNotFound`]. The state is the caller's
+    /// verdict: it is not checked against the run's tasks or abort.
+    pub async fn finish_run(
+        &self,
+        id: &str,
+        state: RunState,
+        finished_at: UnixMillis,
+    ) -> Result<RunRecord> {
+        let id = id.to_owned();
+        self.write(move |conn| runs::finish(conn, &id, state, finished_at))
+            .await
     }
 
     /// Inserts a `queued` task and its `task.queued` event in one transaction.
@@ -509,6 +630,12 @@ impl Db {
     pub async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
         let id = id.to_owned();
         self.read(move |conn| tasks::load(conn, &id)).await
+    }
+
+    /// How many tasks are in each state, for metrics: every state of
+    /// [`TaskState::ALL`], in that order, zeros included.
+    pub async fn count_tasks_by_state(&self) -> Result<Vec<(TaskState, u64)>> {
+        self.read(tasks::count_by_state).await
     }
 
     /// Tasks matching `filter`, newest first (by `queued_at`, then id) unless

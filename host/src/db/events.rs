@@ -52,6 +52,8 @@ fn is_reserved(kind: EventKind) -> bool {
             | EventKind::TaskTimedOut
             | EventKind::TaskCanceled
             | EventKind::RunCreated
+            | EventKind::RunAbortRequested
+            | EventKind::RunFinished
     )
 }
 
@@ -87,7 +89,7 @@ pub(super) fn append(conn: &Connection, events: Vec<NewEvent>) -> Result<()> {
                 }
             }
         } else if let Some(run_id) = event.run_id.as_deref()
-            && !super::plugins::run_exists(conn, run_id)?
+            && !super::runs::exists(conn, run_id)?
         {
             return Err(DbError::RunNotFound(run_id.to_owned()));
         }

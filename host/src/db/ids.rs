@@ -1,4 +1,5 @@
-//! Task ids: `t_` followed by 26 characters of lowercase Crockford base32.
+//! Task ids (`t_`) and run ids (`r_`): the prefix followed by 26 characters
+//! of lowercase Crockford base32.
 //!
 //! The 128 encoded bits are 48 bits of Unix milliseconds, then 80 random bits
 //! (the ULID layout), so ids sort by creation time, are URL-safe, and two
@@ -25,6 +26,11 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A new task id, e.g. `t_01jb3k2m9x4q7r8s6t5v0w1y2z`.
 pub fn new_task_id() -> String {
     format!("t_{}", encode(next_value()))
+}
+
+/// A new run id, e.g. `r_01jb3k2m9x4q7r8s6t5v0w1y2z` (same scheme as task ids).
+pub fn new_run_id() -> String {
+    format!("r_{}", encode(next_value()))
 }
 
 fn next_value() -> u128 {

@@ -1,10 +1,9 @@
-//! Plugins and runs: the rows tasks refer to.
+//! Plugins: the components tasks run, known by content digest.
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
-use serde_json::json;
+use rusqlite::{Connection, Row, params};
 
-use super::{DbError, NewRun, PluginRow, Result, RunRow, events, from_sql_u64, to_sql_u64};
-use crate::model::{EventKind, NewEvent, PluginKind};
+use super::{DbError, PluginRow, Result, from_sql_u64, to_sql_u64};
+use crate::model::PluginKind;
 
 const PLUGIN_COLUMNS: &str = "id, name, kind, size_bytes, created_at";
 
@@ -76,47 +75,4 @@ fn plugin_from_row(row: &Row<'_>) -> Result<PluginRow> {
         created_at: row.get("created_at")?,
         id,
     })
-}
-
-/// The state a run is created in.
-const RUN_RUNNING: &str = "running";
-
-pub(super) fn insert_run(conn: &Connection, run: &NewRun) -> Result<RunRow> {
-    if run_exists(conn, &run.id)? {
-        return Err(DbError::RunExists(run.id.clone()));
-    }
-    conn.prepare_cached("INSERT INTO runs (id, name, state, created_at) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![run.id, run.name, RUN_RUNNING, run.created_at])?;
-    events::insert(
-        conn,
-        &NewEvent {
-            task_id: None,
-            run_id: Some(run.id.clone()),
-            kind: EventKind::RunCreated,
-            at: run.created_at,
-            data: json!({ "name": run.name }),
-        },
-    )?;
-    get_run(conn, &run.id)?.ok_or_else(|| DbError::RunNotFound(run.id.clone()))
-}
-
-pub(super) fn get_run(conn: &Connection, id: &str) -> Result<Option<RunRow>> {
-    Ok(conn
-        .prepare_cached("SELECT id, name, state, created_at, finished_at FROM runs WHERE id = ?1")?
-        .query_row([id], |row| {
-            Ok(RunRow {
-                id: row.get("id")?,
-                name: row.get("name")?,
-                state: row.get("state")?,
-                created_at: row.get("created_at")?,
-                finished_at: row.get("finished_at")?,
-            })
-        })
-        .optional()?)
-}
-
-pub(super) fn run_exists(conn: &Connection, id: &str) -> Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?
-        .exists([id])?)
 }

@@ -37,7 +37,7 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Schema steps; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Version 1: plugins, runs, tasks, cancels and events.
 ///
@@ -128,6 +128,41 @@ CREATE TABLE events (
 ) STRICT;
 CREATE INDEX events_by_task ON events (task_id, seq);
 CREATE INDEX events_by_run ON events (run_id, seq);
+"#;
+
+/// Version 2: run states, fail-fast and aborts.
+///
+/// Runs get `fail_fast`, the abort record (`abort_actor`, `abort_reason`,
+/// `abort_requested_at`, all set together when an abort is requested) and a
+/// state limited to `running | aborting | succeeded | failed | aborted`.
+///
+/// Done in place: `ADD COLUMN` keeps every row (v1 runs are all `running`,
+/// which stays valid). The state rule is enforced by triggers rather than a
+/// `CHECK`, because adding a `CHECK` to an existing column means rebuilding
+/// the table, and dropping `runs` with foreign keys on would cascade-delete
+/// the events of every run. A trigger refuses the same values a `CHECK`
+/// would (the error names the rule).
+const V2: &str = r#"
+ALTER TABLE runs ADD COLUMN fail_fast INTEGER NOT NULL DEFAULT 0 CHECK (fail_fast IN (0, 1));
+ALTER TABLE runs ADD COLUMN abort_actor TEXT;
+ALTER TABLE runs ADD COLUMN abort_reason TEXT;
+ALTER TABLE runs ADD COLUMN abort_requested_at INTEGER;
+
+CREATE TRIGGER runs_state_on_insert BEFORE INSERT ON runs
+WHEN NEW.state NOT IN ('running', 'aborting', 'succeeded', 'failed', 'aborted')
+BEGIN
+    SELECT RAISE(ABORT, 'CHECK constraint failed: runs.state');
+END;
+CREATE TRIGGER runs_state_on_update BEFORE UPDATE OF state ON runs
+WHEN NEW.state NOT IN ('running', 'aborting', 'succeeded', 'failed', 'aborted')
+BEGIN
+    SELECT RAISE(ABORT, 'CHECK constraint failed: runs.state');
+END;
+
+-- Run listings are newest first by (created_at, id); unfinished runs are
+-- looked up by state at start-up.
+CREATE INDEX runs_by_created ON runs (created_at, id);
+CREATE INDEX runs_by_state ON runs (state, created_at, id);
 "#;
 
 /// Opens the read-write connection the writer thread owns: WAL, the chosen

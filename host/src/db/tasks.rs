@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use super::events::{self, MAX_EVENT_MESSAGE_BYTES};
 use super::{
     CancelDecision, CancelRequest, DbError, MAX_ACTOR_BYTES, MAX_REASON_BYTES, NewTask, Recovery,
-    Result, StartDecision, TaskFilter, from_sql_u64, plugins, to_sql_u64, truncate_utf8,
+    Result, StartDecision, TaskFilter, from_sql_u64, plugins, runs, to_sql_u64, truncate_utf8,
 };
 use crate::model::{
     CancelRecord, CancelStop, Captured, ErrorKind, EventKind, Finish, NewEvent, PluginKind,
@@ -249,6 +249,34 @@ pub(super) fn list(conn: &Connection, filter: &TaskFilter) -> Result<Vec<TaskRec
     Ok(page)
 }
 
+/// Every task of a run, by `queued_at` and then insertion order (`rowid`:
+/// tasks inserted together, e.g. by one `insert_run`, often share a
+/// millisecond, and their ids need not sort as they were given).
+pub(super) fn of_run(conn: &Connection, run_id: &str) -> Result<Vec<TaskRecord>> {
+    conn.prepare_cached(&format!(
+        "{SELECT_TASK} WHERE t.run_id = ?1 ORDER BY t.queued_at, t.rowid"
+    ))?
+    .query_and_then([run_id], task_from_row)?
+    .collect()
+}
+
+/// How many tasks are in each state, in [`TaskState::ALL`] order, zeros included.
+pub(super) fn count_by_state(conn: &Connection) -> Result<Vec<(TaskState, u64)>> {
+    let mut counts: Vec<(TaskState, u64)> = TaskState::ALL.iter().map(|&s| (s, 0)).collect();
+    let mut statement = conn.prepare_cached("SELECT state, COUNT(*) FROM tasks GROUP BY state")?;
+    let rows = statement.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+    })?;
+    for row in rows {
+        let (state, n) = row?;
+        let Some(slot) = counts.iter_mut().find(|(s, _)| s.as_str() == state) else {
+            return Err(corrupt("tasks", "state", state));
+        };
+        slot.1 = from_sql_u64(n);
+    }
+    Ok(counts)
+}
+
 // ---------------------------------------------------------------------------
 // Writes (each runs inside the writer's transaction)
 
@@ -324,7 +352,7 @@ pub(super) fn insert(conn: &Connection, t: &NewTask) -> Result<TaskRecord> {
         return Err(DbError::PluginNotFound(t.plugin_id.clone()));
     }
     if let Some(run_id) = &t.run_id
-        && !plugins::run_exists(conn, run_id)?
+        && !runs::exists(conn, run_id)?
     {
         return Err(DbError::RunNotFound(run_id.clone()));
     }

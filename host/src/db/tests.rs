@@ -10,8 +10,8 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::model::{
-    CancelRecord, CancelStop, Captured, DirSpec, ErrorKind, EventKind, Limits, Progress, TaskError,
-    Usage, now_millis,
+    CancelRecord, CancelStop, Captured, DirSpec, ErrorKind, EventKind, Limits, Progress, RunAbort,
+    TaskError, Usage, now_millis,
 };
 
 async fn open_temp() -> (TempDir, Db) {
@@ -233,16 +233,21 @@ async fn insert_checks_plugin_run_and_id() {
 async fn insert_then_get_round_trips_every_field() {
     let (_dir, db) = open_temp().await;
     let plugin = add_plugin(&db, "echo").await;
-    let run = db
-        .insert_run(NewRun {
-            id: "r_1".into(),
-            name: Some("nightly".into()),
-            created_at: 5,
-        })
+    let view = db
+        .insert_run(
+            NewRun {
+                id: "r_1".into(),
+                name: Some("nightly".into()),
+                fail_fast: false,
+                created_at: 5,
+            },
+            Vec::new(),
+        )
         .await
         .unwrap();
-    assert_eq!(run.state, "running");
-    assert_eq!(db.get_run("r_1").await.unwrap(), Some(run));
+    assert_eq!(view.run.state, RunState::Running);
+    assert!(view.tasks.is_empty());
+    assert_eq!(db.get_run("r_1").await.unwrap(), Some(view.run));
 
     let spec = TaskSpec {
         input: Some(json!({"n": 3, "words": ["a", "é"]})),
@@ -464,6 +469,14 @@ async fn cancel_of_a_queued_task_cancels_it_before_start() {
             EventKind::TaskCanceled
         ]
     );
+    let events = db.events(Some(&task.id), 0, MAX_EVENTS_PAGE).await.unwrap();
+    assert_eq!(
+        events[1].data,
+        json!({"actor": "cli", "reason": "asked by cli", "grace_ms": 1_000})
+    );
+    assert_eq!(events[2].data["cancel"]["actor"], "cli");
+    assert_eq!(events[2].data["cancel"]["reason"], "asked by cli");
+    assert_eq!(events[2].data["before_start"], true);
     // It never starts.
     assert_eq!(
         db.mark_started(&task.id).await.unwrap(),
@@ -784,11 +797,15 @@ async fn list_filters_and_pages_by_cursor() {
     let (_dir, db) = open_temp().await;
     let echo = add_plugin(&db, "echo").await;
     let sleeper = add_plugin(&db, "sleeper").await;
-    db.insert_run(NewRun {
-        id: "r_a".into(),
-        name: None,
-        created_at: 1,
-    })
+    db.insert_run(
+        NewRun {
+            id: "r_a".into(),
+            name: None,
+            fail_fast: false,
+            created_at: 1,
+        },
+        Vec::new(),
+    )
     .await
     .unwrap();
 
@@ -1204,4 +1221,663 @@ async fn wait_queued(db: &Db, n: usize) {
     while db.write_stats().queued < n {
         tokio::task::yield_now().await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Schema v2: runs with states, fail-fast and aborts
+
+fn new_run(id: &str, created_at: UnixMillis) -> NewRun {
+    NewRun {
+        id: id.to_owned(),
+        name: Some(format!("run {id}")),
+        fail_fast: false,
+        created_at,
+    }
+}
+
+fn abort(actor: &str) -> RunAbortRequest {
+    RunAbortRequest {
+        actor: actor.to_owned(),
+        reason: format!("aborted by {actor}"),
+        requested_at: now_millis(),
+    }
+}
+
+async fn run_event_kinds(db: &Db, run_id: &str) -> Vec<EventKind> {
+    db.run_events(run_id, 0, MAX_EVENTS_PAGE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+async fn max_seq(db: &Db) -> i64 {
+    db.read(writer::max_event_seq).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v1_database_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wasmtask.db");
+    // A file as a v1 build left it: schema v1, a run with a task and events.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute_batch(
+            r#"
+            INSERT INTO plugins VALUES ('digest', 'echo', 'task', 10, 1);
+            INSERT INTO runs (id, name, state, created_at) VALUES ('r_old', 'legacy', 'running', 100);
+            INSERT INTO tasks (id, plugin_id, plugin_name, plugin_kind, run_id, state, spec, queued_at)
+                VALUES ('t_old', 'digest', 'echo', 'task', 'r_old', 'queued', '{}', 200);
+            INSERT INTO events (run_id, kind, at, data) VALUES ('r_old', 'run.created', 100, '{"name":"legacy"}');
+            INSERT INTO events (task_id, run_id, kind, at, data)
+                VALUES ('t_old', 'r_old', 'task.queued', 200, '{}');
+            "#,
+        )
+        .unwrap();
+    }
+
+    let db = Db::open(&path).await.unwrap();
+    assert_eq!(db.read(schema::user_version).await.unwrap(), 2);
+    let run = db.get_run("r_old").await.unwrap().unwrap();
+    assert_eq!(
+        run,
+        RunRecord {
+            id: "r_old".into(),
+            name: Some("legacy".into()),
+            state: RunState::Running,
+            fail_fast: false,
+            created_at: 100,
+            finished_at: None,
+            abort: None,
+        }
+    );
+    let view = db.run_view("r_old").await.unwrap().unwrap();
+    assert_eq!(view.run, run);
+    let ids: Vec<&str> = view.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, ["t_old"]);
+    assert_eq!(
+        run_event_kinds(&db, "r_old").await,
+        [EventKind::RunCreated, EventKind::TaskQueued]
+    );
+    // The watch starts at the events already stored.
+    assert_eq!(*db.watch_events().borrow(), 2);
+    assert_eq!(db.unfinished_runs().await.unwrap(), vec![run]);
+
+    // The new columns work on the upgraded rows.
+    let RunAbortDecision::Requested { run, first: true } =
+        db.request_run_abort("r_old", abort("cli")).await.unwrap()
+    else {
+        panic!("abort not recorded");
+    };
+    assert_eq!(run.state, RunState::Aborting);
+    let run = db
+        .finish_run("r_old", RunState::Aborted, 300)
+        .await
+        .unwrap();
+    assert_eq!(run.state, RunState::Aborted);
+
+    // The state rule holds on inserts and updates.
+    let bad_update = db
+        .write(|c| Ok(c.execute("UPDATE runs SET state = 'paused' WHERE id = 'r_old'", [])?))
+        .await;
+    assert!(bad_update.is_err(), "{bad_update:?}");
+    let bad_insert = db
+        .write(|c| {
+            Ok(c.execute(
+                "INSERT INTO runs (id, state, created_at) VALUES ('r_bad', 'sleeping', 1)",
+                [],
+            )?)
+        })
+        .await;
+    assert!(bad_insert.is_err(), "{bad_insert:?}");
+    let indexes: Vec<String> = db
+        .read(|c| {
+            let mut s = c.prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'runs'
+                 AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            )?;
+            let names = s
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(names)
+        })
+        .await
+        .unwrap();
+    assert_eq!(indexes, ["runs_by_created", "runs_by_state"]);
+    drop(db);
+
+    // Reopening applies nothing more and keeps it all.
+    let db = Db::open(&path).await.unwrap();
+    assert_eq!(db.read(schema::user_version).await.unwrap(), 2);
+    assert_eq!(db.get_run("r_old").await.unwrap(), Some(run));
+    assert_eq!(
+        db.get_task("t_old").await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insert_run_stores_the_run_and_its_tasks_in_one_transaction() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+
+    let mut tasks: Vec<NewTask> = (0..3).map(|_| new_task(&plugin)).collect();
+    // Whatever run the tasks named, they join this one.
+    tasks[1].run_id = Some("r_elsewhere".into());
+    let run = NewRun {
+        fail_fast: true,
+        ..new_run("r_1", 1_000)
+    };
+    let view = db.insert_run(run, tasks.clone()).await.unwrap();
+    assert_eq!(
+        view.run,
+        RunRecord {
+            id: "r_1".into(),
+            name: Some("run r_1".into()),
+            state: RunState::Running,
+            fail_fast: true,
+            created_at: 1_000,
+            finished_at: None,
+            abort: None,
+        }
+    );
+    let ids: Vec<&str> = view.tasks.iter().map(|t| t.id.as_str()).collect();
+    let given: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(ids, given);
+    assert!(
+        view.tasks
+            .iter()
+            .all(|t| t.state == TaskState::Queued && t.run_id.as_deref() == Some("r_1"))
+    );
+    assert_eq!(db.run_view("r_1").await.unwrap(), Some(view.clone()));
+    assert_eq!(db.get_run("r_1").await.unwrap(), Some(view.run.clone()));
+
+    let events = db.run_events("r_1", 0, MAX_EVENTS_PAGE).await.unwrap();
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::RunCreated,
+            EventKind::TaskQueued,
+            EventKind::TaskQueued,
+            EventKind::TaskQueued
+        ]
+    );
+    assert_eq!(events[0].task_id, None);
+    assert_eq!(
+        events[0].data,
+        json!({"name": "run r_1", "fail_fast": true, "tasks": 3})
+    );
+    let queued_for: Vec<&str> = events[1..]
+        .iter()
+        .map(|e| e.task_id.as_deref().unwrap())
+        .collect();
+    assert_eq!(queued_for, given);
+
+    // The same run id again: refused, nothing added.
+    assert!(matches!(
+        db.insert_run(new_run("r_1", 2_000), vec![new_task(&plugin)]).await,
+        Err(DbError::RunExists(id)) if id == "r_1"
+    ));
+
+    // A task with an unknown plugin in the middle: nothing of the run is stored.
+    let seq_before = *db.watch_events().borrow();
+    let events_before = db.events(None, 0, MAX_EVENTS_PAGE).await.unwrap();
+    let mut bad = vec![new_task(&plugin), new_task(&plugin), new_task(&plugin)];
+    bad[1].plugin_id = "missing".into();
+    let bad_ids: Vec<String> = bad.iter().map(|t| t.id.clone()).collect();
+    assert!(matches!(
+        db.insert_run(new_run("r_2", 3_000), bad).await,
+        Err(DbError::PluginNotFound(id)) if id == "missing"
+    ));
+    assert_eq!(db.get_run("r_2").await.unwrap(), None);
+    assert_eq!(db.run_view("r_2").await.unwrap(), None);
+    for id in &bad_ids {
+        assert_eq!(db.get_task(id).await.unwrap(), None);
+    }
+    assert_eq!(
+        db.events(None, 0, MAX_EVENTS_PAGE).await.unwrap(),
+        events_before
+    );
+    assert_eq!(*db.watch_events().borrow(), seq_before);
+
+    // Two tasks with one id: refused as a whole too.
+    let twin = new_task(&plugin);
+    assert!(matches!(
+        db.insert_run(new_run("r_3", 4_000), vec![twin.clone(), twin])
+            .await,
+        Err(DbError::TaskExists(_))
+    ));
+    assert_eq!(db.get_run("r_3").await.unwrap(), None);
+    assert_eq!(db.list_runs(None, None).await.unwrap(), vec![view.run]);
+
+    // A run without tasks is fine.
+    let empty = db
+        .insert_run(new_run("r_4", 5_000), Vec::new())
+        .await
+        .unwrap();
+    assert!(empty.tasks.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_view_lists_tasks_by_queue_time_then_insertion_order() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+
+    // Ids that sort opposite to the order given, all in one millisecond but
+    // the last, which was queued earlier than the rest.
+    let mut ids: Vec<String> = (0..6).map(|_| new_task_id()).collect();
+    ids.sort();
+    ids.reverse();
+    let tasks: Vec<NewTask> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| NewTask {
+            id: id.clone(),
+            queued_at: if i == 5 { 999 } else { 1_000 },
+            ..new_task(&plugin)
+        })
+        .collect();
+    let inserted = db.insert_run(new_run("r_1", 1_000), tasks).await.unwrap();
+    let returned: Vec<&str> = inserted.tasks.iter().map(|t| t.id.as_str()).collect();
+    assert_eq!(returned, ids.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // A task added to the run later, in the same millisecond.
+    let mut late = new_task(&plugin);
+    late.id = "t_000_sorts_first_by_id".into();
+    late.run_id = Some("r_1".into());
+    late.queued_at = 1_000;
+    db.insert_task(late).await.unwrap();
+
+    let view = db.run_view("r_1").await.unwrap().unwrap();
+    let order: Vec<&str> = view.tasks.iter().map(|t| t.id.as_str()).collect();
+    let mut expected: Vec<&str> = vec![ids[5].as_str()];
+    expected.extend(ids[..5].iter().map(String::as_str));
+    expected.push("t_000_sorts_first_by_id");
+    assert_eq!(order, expected);
+    assert_eq!(db.run_view("r_missing").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_abort_is_recorded_once() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let view = db
+        .insert_run(new_run("r_1", 1_000), vec![new_task(&plugin)])
+        .await
+        .unwrap();
+
+    assert_eq!(
+        db.request_run_abort("r_missing", abort("cli"))
+            .await
+            .unwrap(),
+        RunAbortDecision::NotFound
+    );
+
+    let req = abort("api:ops");
+    let RunAbortDecision::Requested { run, first: true } =
+        db.request_run_abort("r_1", req.clone()).await.unwrap()
+    else {
+        panic!("abort not recorded");
+    };
+    let stored = RunAbort {
+        actor: "api:ops".into(),
+        reason: "aborted by api:ops".into(),
+        requested_at: req.requested_at,
+    };
+    assert_eq!(run.state, RunState::Aborting);
+    assert_eq!(run.abort, Some(stored.clone()));
+    assert_eq!(run.finished_at, None);
+    assert_eq!(db.get_run("r_1").await.unwrap(), Some(run.clone()));
+    // The tasks are the caller's to cancel.
+    assert_eq!(
+        db.get_task(&view.tasks[0].id).await.unwrap().unwrap().state,
+        TaskState::Queued
+    );
+    let events = db.run_events("r_1", 0, MAX_EVENTS_PAGE).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, EventKind::RunAbortRequested);
+    assert_eq!(last.task_id, None);
+    assert_eq!(last.at, req.requested_at);
+    assert_eq!(
+        last.data,
+        json!({"actor": "api:ops", "reason": "aborted by api:ops"})
+    );
+
+    // A repeat returns the stored abort and writes nothing.
+    let seq = *db.watch_events().borrow();
+    let RunAbortDecision::Requested {
+        run: again,
+        first: false,
+    } = db
+        .request_run_abort("r_1", abort("someone-else"))
+        .await
+        .unwrap()
+    else {
+        panic!("repeat not recognised");
+    };
+    assert_eq!(again, run);
+    assert_eq!(again.abort, Some(stored));
+    assert_eq!(
+        db.run_events("r_1", 0, MAX_EVENTS_PAGE).await.unwrap(),
+        events
+    );
+    assert_eq!(max_seq(&db).await, seq);
+    assert_eq!(db.unfinished_runs().await.unwrap(), vec![run]);
+
+    // A finished run is left alone.
+    let done = db
+        .finish_run("r_1", RunState::Aborted, now_millis())
+        .await
+        .unwrap();
+    assert_eq!(
+        db.request_run_abort("r_1", abort("late")).await.unwrap(),
+        RunAbortDecision::AlreadyFinished(done)
+    );
+
+    // Actor and reason are capped like a cancel's.
+    db.insert_run(new_run("r_2", 2_000), Vec::new())
+        .await
+        .unwrap();
+    let long = RunAbortRequest {
+        actor: "é".repeat(MAX_ACTOR_BYTES),
+        reason: "x".repeat(MAX_REASON_BYTES + 10),
+        requested_at: 5,
+    };
+    let RunAbortDecision::Requested { run, first: true } =
+        db.request_run_abort("r_2", long).await.unwrap()
+    else {
+        panic!("abort not recorded");
+    };
+    let abort = run.abort.unwrap();
+    assert_eq!(abort.actor.len(), MAX_ACTOR_BYTES);
+    assert_eq!(abort.reason.len(), MAX_REASON_BYTES);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finish_run_is_idempotent_and_announced() {
+    let (_dir, db) = open_temp().await;
+    db.insert_run(new_run("r_1", 1_000), Vec::new())
+        .await
+        .unwrap();
+    db.insert_run(new_run("r_2", 2_000), Vec::new())
+        .await
+        .unwrap();
+
+    for state in [RunState::Running, RunState::Aborting] {
+        assert!(matches!(
+            db.finish_run("r_1", state, 5_000).await,
+            Err(DbError::RunNotTerminal { state: s, .. }) if s == state
+        ));
+    }
+    assert!(matches!(
+        db.finish_run("r_missing", RunState::Succeeded, 5_000).await,
+        Err(DbError::RunNotFound(id)) if id == "r_missing"
+    ));
+
+    let done = db
+        .finish_run("r_1", RunState::Succeeded, 5_000)
+        .await
+        .unwrap();
+    assert_eq!(done.state, RunState::Succeeded);
+    assert_eq!(done.finished_at, Some(5_000));
+    assert_eq!(done.abort, None);
+    let events = db.run_events("r_1", 0, MAX_EVENTS_PAGE).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.kind, last.at, &last.data),
+        (
+            EventKind::RunFinished,
+            5_000,
+            &json!({"state": "succeeded"})
+        )
+    );
+
+    // Again, even with another verdict: unchanged, no event.
+    assert_eq!(
+        db.finish_run("r_1", RunState::Failed, 9_000).await.unwrap(),
+        done
+    );
+    assert_eq!(
+        db.run_events("r_1", 0, MAX_EVENTS_PAGE).await.unwrap(),
+        events
+    );
+    assert_eq!(
+        db.unfinished_runs()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        ["r_2"]
+    );
+
+    // Run lifecycle events are the database's own.
+    for kind in [
+        EventKind::RunAbortRequested,
+        EventKind::RunFinished,
+        EventKind::RunCreated,
+    ] {
+        let event = NewEvent {
+            task_id: None,
+            run_id: Some("r_2".into()),
+            kind,
+            at: 1,
+            data: json!({}),
+        };
+        assert!(matches!(
+            db.append_events(vec![event]).await,
+            Err(DbError::ReservedEvent { .. })
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn list_runs_pages_newest_first() {
+    let (_dir, db) = open_temp().await;
+    // created_at repeats (3 per millisecond): ties are broken by id.
+    let mut ids = Vec::new();
+    for i in 0..12_i64 {
+        let id = new_run_id();
+        db.insert_run(new_run(&id, 1_000 + i / 3), Vec::new())
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+
+    let all: Vec<String> = db
+        .list_runs(None, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(all, newest_first);
+
+    let mut walked = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = db.list_runs(Some(5), cursor.clone()).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 5);
+        cursor = page.last().map(|r| r.id.clone());
+        walked.extend(page.into_iter().map(|r| r.id));
+    }
+    assert_eq!(walked, newest_first);
+
+    assert!(db.list_runs(Some(0), None).await.unwrap().is_empty());
+    assert_eq!(
+        db.list_runs(Some(usize::MAX), None).await.unwrap().len(),
+        12
+    );
+    assert!(matches!(
+        db.list_runs(None, Some("r_gone".into())).await,
+        Err(DbError::BadCursor(_))
+    ));
+    assert!(ids.iter().all(|id| id.starts_with("r_") && id.len() == 28));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn count_tasks_by_state_includes_every_state() {
+    let (_dir, db) = open_temp().await;
+    let zeros: Vec<(TaskState, u64)> = TaskState::ALL.iter().map(|&s| (s, 0)).collect();
+    assert_eq!(db.count_tasks_by_state().await.unwrap(), zeros);
+
+    let plugin = add_plugin(&db, "echo").await;
+    queued(&db, &plugin).await;
+    queued(&db, &plugin).await;
+    running(&db, &plugin).await;
+    let to_cancel = queued(&db, &plugin).await;
+    db.request_cancel(&to_cancel.id, cancel("cli", 0))
+        .await
+        .unwrap();
+    let to_stop = running(&db, &plugin).await;
+    db.request_cancel(&to_stop.id, cancel("cli", 1_000))
+        .await
+        .unwrap();
+    let to_finish = running(&db, &plugin).await;
+    db.finish(&to_finish.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        db.count_tasks_by_state().await.unwrap(),
+        vec![
+            (TaskState::Queued, 2),
+            (TaskState::Running, 1),
+            (TaskState::CancelRequested, 1),
+            (TaskState::Succeeded, 1),
+            (TaskState::Failed, 0),
+            (TaskState::TimedOut, 0),
+            (TaskState::Canceled, 1),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Event watch
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_events_follows_every_committed_write() {
+    let (_dir, db) = open_temp().await;
+    let mut rx = db.watch_events();
+    assert_eq!(*rx.borrow_and_update(), 0);
+    let plugin = add_plugin(&db, "echo").await;
+    // No event written: no change.
+    assert!(!rx.has_changed().unwrap());
+
+    // After each write returns, the watch already shows its events, and
+    // they are readable.
+    let mut last = 0;
+    let mut check = async |rx: &mut tokio::sync::watch::Receiver<i64>, what: &str| {
+        let seen = *rx.borrow_and_update();
+        assert!(seen > last, "{what}: {seen} after {last}");
+        assert_eq!(seen, max_seq(&db).await, "{what}");
+        let events = db.events(None, last, MAX_EVENTS_PAGE).await.unwrap();
+        assert_eq!(events.last().map(|e| e.seq), Some(seen), "{what}");
+        last = seen;
+    };
+
+    let task = queued(&db, &plugin).await;
+    check(&mut rx, "insert_task").await;
+    db.mark_started(&task.id).await.unwrap();
+    check(&mut rx, "mark_started").await;
+    db.append_events(vec![NewEvent::task(
+        &task.id,
+        EventKind::TaskLog,
+        json!({"message": "hi"}),
+    )])
+    .await
+    .unwrap();
+    check(&mut rx, "append_events").await;
+    db.request_cancel(&task.id, cancel("cli", 1_000))
+        .await
+        .unwrap();
+    check(&mut rx, "request_cancel").await;
+    db.finish(&task.id, outcome(TaskState::Failed))
+        .await
+        .unwrap();
+    check(&mut rx, "finish").await;
+    let other = queued(&db, &plugin).await;
+    check(&mut rx, "insert_task").await;
+    db.request_cancel(&other.id, cancel("cli", 0))
+        .await
+        .unwrap();
+    check(&mut rx, "cancel before start").await;
+    db.insert_run(new_run("r_1", 1), vec![new_task(&plugin)])
+        .await
+        .unwrap();
+    check(&mut rx, "insert_run").await;
+    db.request_run_abort("r_1", abort("cli")).await.unwrap();
+    check(&mut rx, "request_run_abort").await;
+    db.finish_run("r_1", RunState::Aborted, 2).await.unwrap();
+    check(&mut rx, "finish_run").await;
+    running(&db, &plugin).await;
+    check(&mut rx, "running").await;
+    db.recover().await.unwrap();
+    check(&mut rx, "recover").await;
+
+    // Writes without events, and failed writes, leave it alone.
+    db.finish_run("r_1", RunState::Aborted, 3).await.unwrap();
+    assert!(
+        db.finish("t_unknown", outcome(TaskState::Failed))
+            .await
+            .is_err()
+    );
+    assert!(!rx.has_changed().unwrap());
+
+    // A reopened database starts from the stored events.
+    let path = db.path().to_path_buf();
+    drop(rx);
+    drop(db);
+    let db = Db::open(&path).await.unwrap();
+    assert_eq!(*db.watch_events().borrow(), last);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_always_finds_the_events_it_was_told_about() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let mut rx = db.watch_events();
+    const TASKS: usize = 300;
+
+    let watcher = tokio::spawn({
+        let db = db.clone();
+        async move {
+            let mut after = 0;
+            let mut seen = 0;
+            while seen < TASKS {
+                rx.changed().await.unwrap();
+                let told = *rx.borrow_and_update();
+                // Everything up to `told` must be there already.
+                while after < told {
+                    let page = db.events(None, after, MAX_EVENTS_PAGE).await.unwrap();
+                    let Some(last) = page.last() else {
+                        panic!("told {told}, found nothing after {after}");
+                    };
+                    assert!(page.iter().all(|e| e.seq > after));
+                    seen += page.len();
+                    after = last.seq;
+                }
+            }
+            seen
+        }
+    });
+    let inserts: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let db = db.clone();
+            let t = new_task(&plugin);
+            tokio::spawn(async move { db.insert_task(t).await })
+        })
+        .collect();
+    for insert in inserts {
+        insert.await.unwrap().unwrap();
+    }
+    assert_eq!(watcher.await.unwrap(), TASKS);
 }

@@ -24,6 +24,13 @@
 //! [`DbError::TransactionFailed`] and the jobs not yet run go on in a fresh
 //! transaction. A job that panics is rolled back to its savepoint and
 //! answered with [`DbError::JobPanicked`]; the writer keeps going.
+//!
+//! Event watch: just before `COMMIT` the writer reads the highest event `seq`
+//! (`MAX(seq)`, one seek at the end of the rowid tree), and once `COMMIT`
+//! succeeded — before any reply — publishes it on a `watch` channel if it grew
+//! ([`super::Db::watch_events`]). Whoever sees `N` there can read every event
+//! up to `N`. Events written by another process sharing the file are
+//! published with this writer's next batch.
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -31,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{DbError, Result, WriteStats};
 
@@ -119,20 +126,46 @@ impl Stats {
 }
 
 /// Starts the writer thread on `conn`; it runs until every sender is dropped.
+/// `last_seq` receives the highest committed event `seq` after each batch.
 pub(super) fn spawn(
     conn: Connection,
     queue: usize,
     stats: Arc<Stats>,
+    last_seq: Arc<watch::Sender<i64>>,
 ) -> Result<mpsc::Sender<Box<dyn Job>>> {
     let (sender, receiver) = mpsc::channel(queue);
     std::thread::Builder::new()
         .name("wasmtask-db-writer".into())
-        .spawn(move || run(conn, receiver, &stats))
+        .spawn(move || run(conn, receiver, &stats, &last_seq))
         .map_err(DbError::WriterThread)?;
     Ok(sender)
 }
 
-fn run(conn: Connection, mut receiver: mpsc::Receiver<Box<dyn Job>>, stats: &Stats) {
+/// The highest event `seq` stored, 0 when there is none.
+pub(super) fn max_event_seq(conn: &Connection) -> Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM events")?
+        .query_row([], |row| row.get(0))?)
+}
+
+/// Publishes `seq` unless watchers already saw as much (it never goes back).
+fn publish(last_seq: &watch::Sender<i64>, seq: i64) {
+    last_seq.send_if_modified(|current| {
+        if seq > *current {
+            *current = seq;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+fn run(
+    conn: Connection,
+    mut receiver: mpsc::Receiver<Box<dyn Job>>,
+    stats: &Stats,
+    last_seq: &watch::Sender<i64>,
+) {
     let mut batch = VecDeque::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
         batch.push_back(first);
@@ -142,7 +175,7 @@ fn run(conn: Connection, mut receiver: mpsc::Receiver<Box<dyn Job>>, stats: &Sta
                 Err(_) => break,
             }
         }
-        commit_batch(&conn, &mut batch, stats);
+        commit_batch(&conn, &mut batch, stats, last_seq);
     }
     // Every `Db` is gone. Dropping the connection checkpoints the WAL.
     tracing::debug!("database writer stopped");
@@ -150,7 +183,12 @@ fn run(conn: Connection, mut receiver: mpsc::Receiver<Box<dyn Job>>, stats: &Sta
 
 /// Runs every job of `queue` in as few transactions as possible (one, unless
 /// a transaction fails as a whole) and replies to each.
-fn commit_batch(conn: &Connection, queue: &mut VecDeque<Box<dyn Job>>, stats: &Stats) {
+fn commit_batch(
+    conn: &Connection,
+    queue: &mut VecDeque<Box<dyn Job>>,
+    stats: &Stats,
+    last_seq: &watch::Sender<i64>,
+) {
     while !queue.is_empty() {
         let mut done = Vec::with_capacity(queue.len());
         let outcome = run_transaction(conn, queue, &mut done);
@@ -160,7 +198,12 @@ fn commit_batch(conn: &Connection, queue: &mut VecDeque<Box<dyn Job>>, stats: &S
             let _ = conn.execute_batch("ROLLBACK");
         }
         match outcome {
-            Ok(()) => {
+            Ok(seq) => {
+                // Committed: watchers may now read these events; tell them
+                // before anyone is answered.
+                if let Some(seq) = seq {
+                    publish(last_seq, seq);
+                }
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats.jobs.fetch_add(done.len() as u64, Ordering::Relaxed);
                 for job in done {
@@ -180,13 +223,14 @@ fn commit_batch(conn: &Connection, queue: &mut VecDeque<Box<dyn Job>>, stats: &S
 }
 
 /// One transaction: runs jobs from the front of `queue`, moving each into
-/// `done`. On an error of the transaction itself, returns it; the jobs left in
-/// `queue` have not run.
+/// `done`, and returns the highest event `seq` it committed with (`None` if
+/// that could not be read; the next batch publishes it). On an error of the
+/// transaction itself, returns it; the jobs left in `queue` have not run.
 fn run_transaction(
     conn: &Connection,
     queue: &mut VecDeque<Box<dyn Job>>,
     done: &mut Vec<Box<dyn Job>>,
-) -> Result<()> {
+) -> Result<Option<i64>> {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         // Nothing can run: fail the whole queue rather than spin on it.
         done.extend(queue.drain(..));
@@ -208,6 +252,14 @@ fn run_transaction(
             conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
         }
     }
+    // Read inside the transaction: exactly what this COMMIT makes visible.
+    let seq = match max_event_seq(conn) {
+        Ok(seq) => Some(seq),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the last event seq");
+            None
+        }
+    };
     conn.execute_batch("COMMIT")?;
-    Ok(())
+    Ok(seq)
 }
