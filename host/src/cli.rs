@@ -48,6 +48,8 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Serve the HTTP API: tasks, runs, cancels, event streams (see docs/api.md).
+    Serve(crate::server::ServeArgs),
     /// Run a plugin locally (no server) and record the attempt.
     ///
     /// Ctrl+C or SIGTERM cancels the guest and records `canceled`: at once by default; with
@@ -233,6 +235,7 @@ fn db_path(cli_db: &Option<PathBuf>) -> PathBuf {
 /// Runs the parsed command on the current tokio runtime.
 pub async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
+        Command::Serve(args) => crate::server::serve(args).await,
         Command::Run(args) => run(args, cli.output, &db_path(&cli.db)).await,
         Command::Ps(args) => ps(args, cli.output, &db_path(&cli.db)).await,
         Command::Show(args) => show(args, cli.output, &db_path(&cli.db)).await,

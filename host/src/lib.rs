@@ -5,11 +5,15 @@
 //! nothing of SQLite or HTTP; [`db`] owns SQLite and knows nothing of
 //! wasmtime; [`exec`] translates between them; [`cli`] is the command line.
 
+pub mod api;
 pub mod builtin;
 pub mod cli;
 pub mod db;
 pub mod exec;
+pub mod metrics;
 pub mod model;
+pub mod server;
+pub mod service;
 
 /// The tokio runtime every wasmtask process uses.
 ///

@@ -518,6 +518,9 @@ pub struct TaskSubmit {
     /// Attempts allowed (a host restart re-queues while attempts remain). Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// `POST /v1/tasks` only: add the task to this (running) run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     /// Run tasks only: this task's key within the run, and the keys it waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
