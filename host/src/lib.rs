@@ -8,6 +8,7 @@
 pub mod api;
 pub mod builtin;
 pub mod cli;
+pub mod client;
 pub mod db;
 pub mod exec;
 pub mod metrics;
