@@ -25,3 +25,4 @@ mod fixtures;
 mod limits;
 mod sandbox;
 mod support;
+mod server; mod server_support;
