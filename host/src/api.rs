@@ -58,7 +58,10 @@ struct AppState {
 pub fn router(svc: Service, cfg: ApiConfig) -> Router {
     let state = AppState {
         svc,
-        token_hash: cfg.token.as_deref().map(|t| Sha256::digest(t.as_bytes()).into()),
+        token_hash: cfg
+            .token
+            .as_deref()
+            .map(|t| Sha256::digest(t.as_bytes()).into()),
     };
     let plugins = Router::new()
         .route("/v1/plugins", post(add_plugin).get(list_plugins))
@@ -123,7 +126,9 @@ impl From<ServiceError> for ApiFailure {
     fn from(e: ServiceError) -> ApiFailure {
         let message = e.to_string();
         match e {
-            ServiceError::NotFound(_) => ApiFailure::new(StatusCode::NOT_FOUND, "not_found", message),
+            ServiceError::NotFound(_) => {
+                ApiFailure::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
             ServiceError::InvalidSpec(_) => {
                 ApiFailure::new(StatusCode::BAD_REQUEST, "invalid_spec", message)
             }
@@ -245,14 +250,21 @@ async fn readyz(State(st): State<AppState>) -> Response {
     if st.svc.is_ready() {
         Json(json!({"ready": true})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false})),
+        )
+            .into_response()
     }
 }
 
 async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {
     let text = st.svc.render_metrics().await?;
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response())
@@ -280,7 +292,9 @@ async fn add_plugin(
     let q = query(q)?;
     let body = body.map_err(body_error)?;
     let Some(name) = q.name else {
-        return Err(ApiFailure::bad_request("name the plugin: POST /v1/plugins?name=NAME"));
+        return Err(ApiFailure::bad_request(
+            "name the plugin: POST /v1/plugins?name=NAME",
+        ));
     };
     if body.is_empty() {
         return Err(ApiFailure::new(
@@ -290,7 +304,11 @@ async fn add_plugin(
         ));
     }
     let (row, created) = st.svc.add_plugin(&name, body.to_vec()).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(row)).into_response())
 }
 
@@ -399,7 +417,11 @@ async fn cancel_task(
     let body = body.map_err(body_error)?;
     let c: CancelBody = parse_json(&body, true)?;
     let result = st.svc.cancel(&id, cancel_of(c, "api")).await?;
-    let status = if result.done { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if result.done {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((status, Json(json!({"task": result.task}))).into_response())
 }
 
@@ -440,10 +462,17 @@ async fn task_events(
     st.svc.get_task(&id).await?;
     let after = resume_point(&headers, q.after)?;
     if wants_sse(&headers) {
-        return Ok(sse(event_stream(st.svc.clone(), Subject::Task(id), after, None)).into_response());
+        return Ok(
+            sse(event_stream(st.svc.clone(), Subject::Task(id), after, None)).into_response(),
+        );
     }
     let limit = q.limit.unwrap_or(MAX_EVENTS_PAGE);
-    let events = st.svc.db().events(Some(&id), after, limit).await.map_err(ServiceError::from)?;
+    let events = st
+        .svc
+        .db()
+        .events(Some(&id), after, limit)
+        .await
+        .map_err(ServiceError::from)?;
     Ok(Json(json!({"events": events})).into_response())
 }
 
@@ -457,10 +486,17 @@ async fn run_events(
     st.svc.get_run(&id).await?;
     let after = resume_point(&headers, q.after)?;
     if wants_sse(&headers) {
-        return Ok(sse(event_stream(st.svc.clone(), Subject::Run(id), after, None)).into_response());
+        return Ok(
+            sse(event_stream(st.svc.clone(), Subject::Run(id), after, None)).into_response(),
+        );
     }
     let limit = q.limit.unwrap_or(MAX_EVENTS_PAGE);
-    let events = st.svc.db().run_events(&id, after, limit).await.map_err(ServiceError::from)?;
+    let events = st
+        .svc
+        .db()
+        .run_events(&id, after, limit)
+        .await
+        .map_err(ServiceError::from)?;
     Ok(Json(json!({"events": events})).into_response())
 }
 
@@ -516,7 +552,11 @@ async fn abort_run(
     let body = body.map_err(body_error)?;
     let c: CancelBody = parse_json(&body, true)?;
     let result = st.svc.abort(&id, cancel_of(c, "api")).await?;
-    let status = if result.done { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if result.done {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((status, Json(result.view)).into_response())
 }
 

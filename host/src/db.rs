@@ -468,8 +468,9 @@ impl Db {
         self.inner.stats.snapshot(queued)
     }
 
-    /// Stores a plugin; an existing id (same content) takes the new name,
-    /// kind and size but keeps its `created_at`.
+    /// Stores a plugin's content (if new) and registers its name as of
+    /// `created_at`; the content's other names are kept, and registering the
+    /// same name and content again makes it that name's newest.
     pub async fn upsert_plugin(&self, p: PluginRow) -> Result<()> {
         self.write(move |conn| plugins::upsert(conn, &p)).await
     }
@@ -480,7 +481,7 @@ impl Db {
         self.read(move |conn| plugins::get(conn, &key)).await
     }
 
-    /// All plugins, by name, newest first within a name.
+    /// Every name registration, by name, newest first within a name.
     pub async fn list_plugins(&self) -> Result<Vec<PluginRow>> {
         self.read(plugins::list).await
     }

@@ -22,11 +22,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::dispatch(cli)) {
+    let code = match runtime.block_on(cli::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("wasmtask: {}", e.message());
             e.exit_code()
         }
-    }
+    };
+    // Everything that matters is committed before `dispatch` returns. What
+    // may remain is a blocking-pool thread of a canceled guest stuck in a
+    // system call that never returns by itself (WASI opening a FIFO nobody
+    // writes, say); dropping the runtime would wait for it forever.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    code
 }

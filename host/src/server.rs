@@ -122,7 +122,11 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         .map_err(|e| usage(format!("--listen {listen}: {e}")))?
         .next()
         .ok_or_else(|| usage(format!("--listen {listen}: no address")))?;
-    let token = args.token.clone().or(cfg.token.clone()).filter(|t| !t.is_empty());
+    let token = args
+        .token
+        .clone()
+        .or(cfg.token.clone())
+        .filter(|t| !t.is_empty());
     if !is_loopback(&addr) && token.is_none() {
         return Err(usage(format!(
             "refusing to listen on {addr} without a token: anyone who can reach it could run \
@@ -134,8 +138,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         .clone()
         .or(cfg.data_dir.clone())
         .unwrap_or_else(crate::cli::default_data_dir);
-    std::fs::create_dir_all(&data_dir)
-        .map_err(|e| CliError::Other(anyhow::anyhow!("cannot create {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(&data_dir).map_err(|e| {
+        CliError::Other(anyhow::anyhow!("cannot create {}: {e}", data_dir.display()))
+    })?;
     let mut allowed_dirs = Vec::new();
     for d in &cfg.allowed_dirs {
         let c = std::fs::canonicalize(d)
@@ -192,7 +197,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         ApiConfig {
             token,
             max_body_bytes: cfg.max_body_bytes.unwrap_or(api::DEFAULT_MAX_BODY_BYTES),
-            max_plugin_bytes: cfg.max_plugin_bytes.unwrap_or(api::DEFAULT_MAX_PLUGIN_BYTES),
+            max_plugin_bytes: cfg
+                .max_plugin_bytes
+                .unwrap_or(api::DEFAULT_MAX_PLUGIN_BYTES),
         },
     );
     let listener = tokio::net::TcpListener::bind(addr)
@@ -218,7 +225,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
             _ = sigint.recv() => "SIGINT",
             _ = sigterm.recv() => "SIGTERM",
         };
-        eprintln!("wasmtask: {sig}: shutting down (running tasks: {})", shutdown_svc.running());
+        eprintln!(
+            "wasmtask: {sig}: shutting down (running tasks: {})",
+            shutdown_svc.running()
+        );
         shutdown_svc.stop_accepting();
         // Settle running tasks while the server stops accepting.
         tokio::spawn(async move {
@@ -244,7 +254,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen_port"), "{e}");
-        let e = toml::from_str::<Config>("[shutdown]\ngrace = 3\n").unwrap_err().to_string();
+        let e = toml::from_str::<Config>("[shutdown]\ngrace = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("grace"), "{e}");
     }
 

@@ -39,8 +39,8 @@ use wasmtask_runtime::{CancelHandle, LoadError, Plugin, Runtime};
 
 use crate::builtin::{self, PluginRole};
 use crate::db::{
-    self, CancelDecision, CancelRequest, Db, DbError, NewRun, NewTask, PluginRow,
-    RunAbortDecision, RunAbortRequest, StartDecision, TaskFilter,
+    self, CancelDecision, CancelRequest, Db, DbError, NewRun, NewTask, PluginRow, RunAbortDecision,
+    RunAbortRequest, StartDecision, TaskFilter,
 };
 use crate::exec::{self, LocalIo};
 use crate::metrics::Metrics;
@@ -155,7 +155,9 @@ struct State {
     tasks: HashMap<String, Entry>,
     /// Lock key → the task holding it.
     locks: HashMap<String, String>,
-    /// Runs with fail-fast aborts in flight, so one failure aborts once.
+    /// Runs whose abort (an operator's, fail-fast's, or one resumed after a
+    /// restart) is being delivered by this process, so each is delivered
+    /// once. Removed when the run finishes.
     aborting: HashSet<String>,
 }
 
@@ -211,9 +213,8 @@ impl Service {
                 "settled tasks left behind by a previous process"
             );
         }
-        std::fs::create_dir_all(&cfg.plugin_dir).map_err(|e| {
-            anyhow::anyhow!("cannot create {}: {e}", cfg.plugin_dir.display())
-        })?;
+        std::fs::create_dir_all(&cfg.plugin_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", cfg.plugin_dir.display()))?;
         let service = Service {
             inner: Arc::new(Inner {
                 rt,
@@ -277,7 +278,18 @@ impl Service {
     // Plugins
     // -----------------------------------------------------------------
 
+    /// Registers each built-in under its name, unless that name already
+    /// points at those bytes (then a newer upload under the same name, if
+    /// any, stays current).
     async fn register_builtins(&self) -> anyhow::Result<()> {
+        let known: HashSet<(String, String)> = self
+            .inner
+            .db
+            .list_plugins()
+            .await?
+            .into_iter()
+            .map(|p| (p.name, p.id))
+            .collect();
         for p in builtin::PLUGINS {
             if p.kind == PluginRole::Fixture && !self.inner.cfg.builtin_fixtures {
                 continue;
@@ -285,8 +297,7 @@ impl Service {
             let id = digest_of(p.bytes);
             let kind = component_kind(p.bytes);
             lock(&self.inner.sources).insert(id.clone(), Source::Builtin(p.bytes));
-            let known = self.inner.db.get_plugin(&id).await?;
-            if known.as_ref().is_some_and(|k| k.name == p.name) {
+            if known.contains(&(p.name.to_owned(), id.clone())) {
                 continue;
             }
             self.inner
@@ -322,14 +333,14 @@ impl Service {
     }
 
     /// Validates and compiles `bytes` (off the async runtime), keeps them
-    /// under the data directory and registers them as `name`. Returns the
-    /// row and whether it was new (`false`: these bytes were already known
-    /// under this name).
+    /// under the data directory and registers them as `name` (the content's
+    /// other names stay). Returns the row and whether it was new (`false`:
+    /// `name` already meant these bytes).
     pub async fn add_plugin(&self, name: &str, bytes: Vec<u8>) -> Result<(PluginRow, bool)> {
         validate_plugin_name(name)?;
         let id = digest_of(&bytes);
-        if let Some(row) = self.inner.db.get_plugin(&id).await?
-            && row.name == name
+        if let Some(row) = self.inner.db.get_plugin(name).await?
+            && row.id == id
         {
             return Ok((row, false));
         }
@@ -354,9 +365,7 @@ impl Service {
         write
             .await
             .map_err(|e| ServiceError::Internal(e.into()))?
-            .map_err(|e| {
-                ServiceError::Internal(anyhow::anyhow!("cannot store the plugin: {e}"))
-            })?;
+            .map_err(|e| ServiceError::Internal(anyhow::anyhow!("cannot store the plugin: {e}")))?;
         lock(&self.inner.sources).insert(id.clone(), Source::File(path));
         lock(&self.inner.compiled).insert(id.clone(), plugin.clone());
         let row = PluginRow {
@@ -464,9 +473,7 @@ impl Service {
         }
         for l in &spec.locks {
             if l.is_empty() || l.len() > MAX_KEY_BYTES {
-                return bad(format!(
-                    "locks: a key must have 1 to {MAX_KEY_BYTES} bytes"
-                ));
+                return bad(format!("locks: a key must have 1 to {MAX_KEY_BYTES} bytes"));
             }
         }
         spec.locks.sort();
@@ -550,7 +557,9 @@ impl Service {
     pub async fn submit_run(&self, r: &RunSubmit) -> Result<RunView> {
         self.check_open()?;
         if r.tasks.is_empty() {
-            return Err(ServiceError::InvalidSpec("a run needs at least one task".into()));
+            return Err(ServiceError::InvalidSpec(
+                "a run needs at least one task".into(),
+            ));
         }
         if r.tasks.len() > MAX_RUN_TASKS {
             return Err(ServiceError::InvalidSpec(format!(
@@ -682,7 +691,10 @@ impl Service {
                     self.run_progress(&run_id).await;
                 }
                 self.inner.wake.notify_one();
-                return Ok(CancelResult { task: r, done: true });
+                return Ok(CancelResult {
+                    task: r,
+                    done: true,
+                });
             }
             CancelDecision::Requested { record, .. } => record,
         };
@@ -727,7 +739,10 @@ impl Service {
             // so); otherwise the cancel cannot be delivered.
             let now = self.get_task(id).await?;
             if now.state.is_terminal() {
-                return Ok(CancelResult { task: now, done: true });
+                return Ok(CancelResult {
+                    task: now,
+                    done: true,
+                });
             }
             let why = "the task is not running in this server process (another process may be running it); the cancel is recorded and can be retried";
             self.inner
@@ -739,7 +754,10 @@ impl Service {
                 )])
                 .await?;
             tracing::warn!(task = %id, "cancel could not be delivered: {why}");
-            return Ok(CancelResult { task: now, done: false });
+            return Ok(CancelResult {
+                task: now,
+                done: false,
+            });
         };
         if let Some(wait) = c.wait.filter(|w| !w.is_zero()) {
             let _ = tokio::time::timeout(wait, done_rx.wait_for(|d| *d)).await;
@@ -761,6 +779,12 @@ impl Service {
             .clone()
             .filter(|r| !r.trim().is_empty())
             .unwrap_or_else(|| format!("run aborted by {}", c.actor));
+        // Claim the run's cancels before the abort is committed: a task of
+        // the run that ends meanwhile (a queued one canceled below, say)
+        // runs `run_progress`, which must see that this abort is delivering
+        // the cancels with its own grace rather than start a second,
+        // grace-less delivery of its own.
+        let claimed = lock(&self.inner.state).aborting.insert(run_id.to_owned());
         let decision = self
             .inner
             .db
@@ -772,15 +796,26 @@ impl Service {
                     requested_at: now_millis(),
                 },
             )
-            .await?;
+            .await;
+        let unclaim = || {
+            if claimed {
+                lock(&self.inner.state).aborting.remove(run_id);
+            }
+        };
         match decision {
-            RunAbortDecision::NotFound => {
+            Err(e) => {
+                unclaim();
+                return Err(e.into());
+            }
+            Ok(RunAbortDecision::NotFound) => {
+                unclaim();
                 return Err(ServiceError::NotFound(format!("no run {run_id}")));
             }
-            RunAbortDecision::AlreadyFinished(r) => {
+            Ok(RunAbortDecision::AlreadyFinished(r)) => {
+                unclaim();
                 return Err(ServiceError::RunFinished(Box::new(r)));
             }
-            RunAbortDecision::Requested { .. } => {}
+            Ok(RunAbortDecision::Requested { .. }) => {}
         }
         self.cancel_run_tasks(run_id, &c.actor, &reason, c.grace_ms, c.wait)
             .await?;
@@ -851,7 +886,12 @@ impl Service {
         if all_done {
             // A fail-fast abort means the run failed; an operator's abort
             // means it was aborted.
-            let state = if view.run.abort.as_ref().is_some_and(|a| a.actor == "fail_fast") {
+            let state = if view
+                .run
+                .abort
+                .as_ref()
+                .is_some_and(|a| a.actor == "fail_fast")
+            {
                 RunState::Failed
             } else if view.run.abort.is_some() {
                 RunState::Aborted
@@ -868,7 +908,10 @@ impl Service {
             return Ok(());
         }
         if view.run.state == RunState::Aborting {
-            // An abort that a restart interrupted: finish canceling.
+            // An abort that nobody in this process is delivering — one a
+            // restart interrupted: finish canceling. Its grace is not kept
+            // (nothing of the run is running after a restart: recovery
+            // settled those tasks), so each task's own grace applies.
             let first = lock(&self.inner.state).aborting.insert(run_id.to_owned());
             if first {
                 let abort = view.run.abort.clone();
@@ -906,8 +949,15 @@ impl Service {
                         wait: None,
                     };
                     match svc.abort(&run_id, c).await {
-                        Ok(_) | Err(ServiceError::RunFinished(_)) => {}
-                        Err(e) => tracing::warn!(run = %run_id, error = %e, "fail_fast abort failed"),
+                        Ok(_) => {}
+                        Err(e) => {
+                            // Let the next change of the run try again (or,
+                            // if it finished meanwhile, forget it).
+                            lock(&svc.inner.state).aborting.remove(&run_id);
+                            if !matches!(e, ServiceError::RunFinished(_)) {
+                                tracing::warn!(run = %run_id, error = %e, "fail_fast abort failed");
+                            }
+                        }
                     }
                 });
             }
@@ -1017,7 +1067,8 @@ impl Service {
     /// ended.
     async fn execute(self, task: TaskRecord) {
         let id = task.id.clone();
-        let span = tracing::info_span!("task", task = %id, plugin = %task.plugin_name, run = ?task.run_id);
+        let span =
+            tracing::info_span!("task", task = %id, plugin = %task.plugin_name, run = ?task.run_id);
         let _ = tracing::Instrument::instrument(self.clone().execute_inner(task), span).await;
         // Whatever happened, this process no longer runs it.
         let (locks, entry) = {
@@ -1088,10 +1139,7 @@ impl Service {
             Err(message) => {
                 self.release_locks(&id, &record.spec.locks).await;
                 tracing::warn!(task = %id, "cannot start: {message}");
-                self.inner
-                    .db
-                    .finish(&id, start_failed(message))
-                    .await?
+                self.inner.db.finish(&id, start_failed(message)).await?
             }
         };
         self.inner.metrics.observe_task_duration(started.elapsed());
@@ -1251,7 +1299,9 @@ fn check_graph(keys: &[String], tasks: &[TaskSubmit]) -> Result<()> {
     let mut index = HashMap::new();
     for (i, k) in keys.iter().enumerate() {
         if k.is_empty() || k.len() > MAX_KEY_BYTES {
-            return bad(format!("task {i}: a key must have 1 to {MAX_KEY_BYTES} bytes"));
+            return bad(format!(
+                "task {i}: a key must have 1 to {MAX_KEY_BYTES} bytes"
+            ));
         }
         if index.insert(k.as_str(), i).is_some() {
             return bad(format!("duplicate task key `{k}`"));
@@ -1299,9 +1349,7 @@ fn check_graph(keys: &[String], tasks: &[TaskSubmit]) -> Result<()> {
 fn prefix(e: ServiceError, key: &str) -> ServiceError {
     match e {
         ServiceError::InvalidSpec(m) => ServiceError::InvalidSpec(format!("task `{key}`: {m}")),
-        ServiceError::UnknownPlugin(m) => {
-            ServiceError::UnknownPlugin(format!("task `{key}`: {m}"))
-        }
+        ServiceError::UnknownPlugin(m) => ServiceError::UnknownPlugin(format!("task `{key}`: {m}")),
         e => e,
     }
 }
@@ -1330,7 +1378,9 @@ fn plugin_error(e: LoadError) -> ServiceError {
 /// compiling it (commands export `wasi:cli/run`).
 fn component_kind(bytes: &[u8]) -> PluginKind {
     let needle = b"wasi:cli/run";
-    if bytes.windows(needle.len()).any(|w| w == needle) && !bytes.windows(13).any(|w| w == b"wasmtask:task") {
+    if bytes.windows(needle.len()).any(|w| w == needle)
+        && !bytes.windows(13).any(|w| w == b"wasmtask:task")
+    {
         PluginKind::Command
     } else {
         PluginKind::Task
@@ -1371,7 +1421,9 @@ mod tests {
     }
 
     fn keys(ts: &[TaskSubmit]) -> Vec<String> {
-        ts.iter().map(|t| t.key.clone().unwrap_or_default()).collect()
+        ts.iter()
+            .map(|t| t.key.clone().unwrap_or_default())
+            .collect()
     }
 
     #[test]
@@ -1386,11 +1438,26 @@ mod tests {
         let e = check_graph(&keys(&ts), &ts).unwrap_err().to_string();
         assert!(e.contains("tasks a, b, c form a cycle"), "{e}");
         let ts = vec![t("a", &[]), t("a", &[])];
-        assert!(check_graph(&keys(&ts), &ts).unwrap_err().to_string().contains("duplicate"));
+        assert!(
+            check_graph(&keys(&ts), &ts)
+                .unwrap_err()
+                .to_string()
+                .contains("duplicate")
+        );
         let ts = vec![t("a", &["zz"])];
-        assert!(check_graph(&keys(&ts), &ts).unwrap_err().to_string().contains("zz"));
+        assert!(
+            check_graph(&keys(&ts), &ts)
+                .unwrap_err()
+                .to_string()
+                .contains("zz")
+        );
         let ts = vec![t("a", &["a"])];
-        assert!(check_graph(&keys(&ts), &ts).unwrap_err().to_string().contains("itself"));
+        assert!(
+            check_graph(&keys(&ts), &ts)
+                .unwrap_err()
+                .to_string()
+                .contains("itself")
+        );
     }
 
     #[test]

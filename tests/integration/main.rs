@@ -13,6 +13,12 @@
 //! - `commands`: `wasi:cli` commands get args, env, stdin, dirs; exit codes.
 //! - `cli`: the real binary: `run`, signals, exit statuses, `ps`/`show`,
 //!   malformed input.
+//! - `api`: handler tests through the router (no socket): cancel, abort,
+//!   needs, fail-fast, locks, bad input, auth, metrics, SSE.
+//! - `server`: the real `wasmtask serve` on port 0: kill -9 recovery, 1,000
+//!   concurrent cancels, SIGTERM drain, auth, uploads, SSE resume, disconnect
+//!   policies, guests blocked in host calls. `server_support` is its harness.
+//! - `client`: the CLI's client commands against a real server.
 //! - `fixtures`: every plugin in `plugins/` is exercised by some test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -20,9 +26,11 @@
 mod api;
 mod cancel;
 mod cli;
+mod client;
 mod commands;
 mod fixtures;
 mod limits;
 mod sandbox;
+mod server;
+mod server_support;
 mod support;
-mod server; mod server_support;

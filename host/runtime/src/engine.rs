@@ -186,7 +186,10 @@ pub(crate) struct RuntimeInner {
     pub config: RuntimeConfig,
     pub slots: Arc<Slots>,
     pub admission: Arc<Semaphore>,
-    cache: Mutex<HashMap<String, Plugin>>,
+    /// Digest → its compiled plugin, behind a per-digest lock so that a
+    /// burst of first uses compiles once (the others wait for it) instead of
+    /// once per caller.
+    cache: Mutex<HashMap<String, Arc<Mutex<Option<Plugin>>>>>,
     stop_ticker: Arc<AtomicBool>,
 }
 
@@ -371,33 +374,39 @@ impl Runtime {
             return Err(LoadError::CoreModule);
         }
         let digest = format!("sha256:{:x}", Sha256::digest(bytes));
-        if let Some(p) = self
-            .inner
-            .cache
-            .lock()
-            .ok()
-            .and_then(|c| c.get(&digest).cloned())
-        {
-            return Ok(p);
+        let slot = Arc::clone(relock(&self.inner.cache).entry(digest.clone()).or_default());
+        let mut compiled = relock(&slot);
+        if let Some(p) = compiled.as_ref() {
+            return Ok(p.clone());
         }
+        let result = self.compile_and_link(bytes, &digest);
+        match &result {
+            Ok(plugin) => *compiled = Some(plugin.clone()),
+            // Bytes that do not compile leave nothing behind: a stream of
+            // bad uploads must not grow the map.
+            Err(_) => {
+                drop(compiled);
+                relock(&self.inner.cache).remove(&digest);
+            }
+        }
+        result
+    }
+
+    fn compile_and_link(&self, bytes: &[u8], digest: &str) -> Result<Plugin, LoadError> {
         let engine = &self.inner.engines.plain;
-        let component = self.compile(engine, bytes, &digest, false)?;
+        let component = self.compile(engine, bytes, digest, false)?;
         let kind = classify(&component, engine)?;
         let plain = prepare(&component, kind, &self.inner.engines.plain_linker)?;
-        let plugin = Plugin {
+        Ok(Plugin {
             inner: Arc::new(PluginInner {
-                digest: digest.clone(),
+                digest: digest.to_owned(),
                 kind,
                 size: bytes.len(),
                 plain,
                 fuel: OnceLock::new(),
                 bytes: Arc::from(bytes),
             }),
-        };
-        if let Ok(mut c) = self.inner.cache.lock() {
-            c.insert(digest, plugin.clone());
-        }
-        Ok(plugin)
+        })
     }
 
     /// [`Runtime::load`] on a blocking thread, keeping the async runtime free.
@@ -467,13 +476,24 @@ impl Runtime {
     }
 }
 
+/// Locks a mutex whose data stays valid even if a holder panicked (plain
+/// maps and slots, each update a single assignment).
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn write_cache(path: &std::path::Path, component: &Component) -> anyhow::Result<()> {
     let bytes = component.serialize().map_err(wt)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    // Write then rename, so a reader never sees a half-written artifact.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Write then rename, so a reader never sees a half-written artifact. The
+    // temporary name is unique per process and call, so two writers (two
+    // processes sharing a cache, or the plain and fuel variants) never
+    // share one.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)?;
     Ok(())

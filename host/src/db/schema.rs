@@ -37,7 +37,7 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Schema steps; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Version 1: plugins, runs, tasks, cancels and events.
 ///
@@ -163,6 +163,26 @@ END;
 -- looked up by state at start-up.
 CREATE INDEX runs_by_created ON runs (created_at, id);
 CREATE INDEX runs_by_state ON runs (state, created_at, id);
+"#;
+
+/// Version 3: a plugin can have several names.
+///
+/// A name is a registration of content under that name (`plugin_names`); a
+/// name can point at several contents over time (the newest registration is
+/// the one a task by that name gets) and one content can carry several
+/// names (uploading a built-in's bytes as `my-spin` keeps `spin-loop`). The
+/// one name a v2 row had becomes its first registration.
+const V3: &str = r#"
+CREATE TABLE plugin_names (
+    name        TEXT NOT NULL,
+    plugin_id   TEXT NOT NULL REFERENCES plugins (id),
+    created_at  INTEGER NOT NULL,               -- when this name last pointed here
+    PRIMARY KEY (name, plugin_id)
+) STRICT;
+CREATE INDEX plugin_names_by_plugin ON plugin_names (plugin_id, created_at);
+INSERT INTO plugin_names (name, plugin_id, created_at) SELECT name, id, created_at FROM plugins;
+DROP INDEX plugins_by_name;
+ALTER TABLE plugins DROP COLUMN name;
 "#;
 
 /// Opens the read-write connection the writer thread owns: WAL, the chosen

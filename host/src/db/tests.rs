@@ -181,26 +181,44 @@ async fn plugins_are_found_by_digest_or_newest_name() {
     assert_eq!(db.get_plugin("echo").await.unwrap(), Some(new.clone()));
     assert_eq!(db.get_plugin("nope").await.unwrap(), None);
 
-    // Same content under a new name: renamed, created_at kept.
+    // Same content under a new name: both names stand.
     let renamed = PluginRow {
         name: "echo-v0".into(),
         created_at: 9_000,
         ..old.clone()
     };
-    db.upsert_plugin(renamed).await.unwrap();
-    let stored = db.get_plugin("aaaa").await.unwrap().unwrap();
+    db.upsert_plugin(renamed.clone()).await.unwrap();
+    assert_eq!(db.get_plugin("aaaa").await.unwrap(), Some(renamed.clone()));
     assert_eq!(
-        (stored.name.as_str(), stored.created_at),
-        ("echo-v0", 1_000)
+        db.get_plugin("echo-v0").await.unwrap(),
+        Some(renamed.clone())
     );
-    let names: Vec<String> = db
+    assert_eq!(db.get_plugin("echo").await.unwrap(), Some(new.clone()));
+    let rows: Vec<(String, String)> = db
         .list_plugins()
         .await
         .unwrap()
         .into_iter()
-        .map(|p| p.id)
+        .map(|p| (p.name, p.id))
         .collect();
-    assert_eq!(names, ["bbbb", "aaaa"]);
+    let pair = |n: &str, i: &str| (n.to_owned(), i.to_owned());
+    assert_eq!(
+        rows,
+        [
+            pair("echo", "bbbb"),
+            pair("echo", "aaaa"),
+            pair("echo-v0", "aaaa")
+        ]
+    );
+
+    // Registering a name again for older content makes it current again.
+    let back = PluginRow {
+        created_at: 10_000,
+        ..old.clone()
+    };
+    db.upsert_plugin(back.clone()).await.unwrap();
+    assert_eq!(db.get_plugin("echo").await.unwrap(), Some(back));
+    assert_eq!(db.list_plugins().await.unwrap().len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1280,7 +1298,11 @@ async fn a_v1_database_is_upgraded_in_place() {
     }
 
     let db = Db::open(&path).await.unwrap();
-    assert_eq!(db.read(schema::user_version).await.unwrap(), 2);
+    assert_eq!(db.read(schema::user_version).await.unwrap(), 3);
+    // The plugin keeps its one name as its first registration.
+    let plugin = db.get_plugin("echo").await.unwrap().unwrap();
+    assert_eq!((plugin.id.as_str(), plugin.created_at), ("digest", 1));
+    assert_eq!(db.get_plugin("digest").await.unwrap(), Some(plugin));
     let run = db.get_run("r_old").await.unwrap().unwrap();
     assert_eq!(
         run,
@@ -1351,7 +1373,7 @@ async fn a_v1_database_is_upgraded_in_place() {
 
     // Reopening applies nothing more and keeps it all.
     let db = Db::open(&path).await.unwrap();
-    assert_eq!(db.read(schema::user_version).await.unwrap(), 2);
+    assert_eq!(db.read(schema::user_version).await.unwrap(), 3);
     assert_eq!(db.get_run("r_old").await.unwrap(), Some(run));
     assert_eq!(
         db.get_task("t_old").await.unwrap().unwrap().state,
