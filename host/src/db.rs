@@ -222,6 +222,27 @@ impl Default for DbOptions {
     }
 }
 
+/// A run's progress as counted in the database ([`Db::run_progress`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunProgress {
+    pub run: RunRecord,
+    pub total: u64,
+    /// Tasks `queued`, `running` or `cancel_requested`.
+    pub unfinished: u64,
+    pub succeeded: u64,
+    /// The first task, in finishing order, that failed, timed out, or was
+    /// canceled by anyone but its run (`run`, `fail_fast`).
+    pub first_failure: Option<RunFailure>,
+}
+
+/// A task whose end trips a run's fail-fast.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFailure {
+    pub task_id: String,
+    pub key: Option<String>,
+    pub state: TaskState,
+}
+
 /// A stored plugin: a component known by its content digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginRow {
@@ -521,6 +542,13 @@ impl Db {
     pub async fn run_view(&self, id: &str) -> Result<Option<RunView>> {
         let id = id.to_owned();
         self.read(move |conn| runs::view(conn, &id)).await
+    }
+
+    /// A run's state, its task counts and its first fail-fast-tripping task,
+    /// without reading its tasks (see [`RunProgress`]).
+    pub async fn run_progress(&self, id: &str) -> Result<Option<RunProgress>> {
+        let id = id.to_owned();
+        self.read(move |conn| runs::progress(conn, &id)).await
     }
 
     /// Runs newest first (by `created_at`, then id), one page at a time:

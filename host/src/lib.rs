@@ -23,12 +23,23 @@ pub mod service;
 /// call) quickly even while guests keep them busy: busy workers poll the I/O
 /// driver every `event_interval` polls (tokio's default, 61, measured 40–150 ms
 /// of HTTP latency under guest load here) and the global queue every
-/// `global_queue_interval` polls.
+/// `global_queue_interval` polls. A time-sliced guest's poll lasts up to one
+/// epoch tick and a yielding guest is not polled again until it has a CPU
+/// slot, so under load nearly every poll is a guest's slice: both are checked
+/// after every poll, which costs a non-blocking `epoll_wait` per poll.
+///
+/// There is one worker more than there are CPUs, and guests get only as many
+/// CPU slots as there are CPUs (`RuntimeConfig::cpu_slots`): however many
+/// guests are busy, one worker is never inside a guest, so it is there to
+/// take API requests, cancels and database replies off the busy workers'
+/// queues (work stealing) instead of them waiting behind guest time slices.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus + 1)
         .enable_all()
-        .event_interval(2)
-        .global_queue_interval(4)
+        .event_interval(1)
+        .global_queue_interval(2)
         .thread_name("wasmtask-worker")
         .build()
 }

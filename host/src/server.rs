@@ -98,6 +98,24 @@ impl Config {
     }
 }
 
+/// Connections the kernel queues for `accept` (capped by
+/// `net.core.somaxconn`). Tokio's default is 1,024: a burst of a thousand
+/// clients at once (say, a run of a thousand tasks canceled by as many
+/// scripts) while every core is busy with guests overflowed it, and the
+/// kernel reset the connections it could not queue.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Whether listening on `addr` exposes the server beyond this machine.
 fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
@@ -202,8 +220,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
                 .unwrap_or(api::DEFAULT_MAX_PLUGIN_BYTES),
         },
     );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = bind_listener(addr)
         .map_err(|e| CliError::Other(anyhow::anyhow!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr().context("no local address")?;
     {

@@ -876,14 +876,14 @@ impl Service {
     }
 
     async fn try_run_progress(&self, run_id: &str) -> Result<()> {
-        let Some(view) = self.inner.db.run_view(run_id).await? else {
+        let Some(p) = self.inner.db.run_progress(run_id).await? else {
             return Ok(());
         };
+        let view = &p;
         if view.run.state.is_terminal() {
             return Ok(());
         }
-        let all_done = view.tasks.iter().all(|t| t.state.is_terminal());
-        if all_done {
+        if p.unfinished == 0 {
             // A fail-fast abort means the run failed; an operator's abort
             // means it was aborted.
             let state = if view
@@ -895,7 +895,7 @@ impl Service {
                 RunState::Failed
             } else if view.run.abort.is_some() {
                 RunState::Aborted
-            } else if view.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            } else if p.succeeded == p.total {
                 RunState::Succeeded
             } else {
                 RunState::Failed
@@ -930,14 +930,11 @@ impl Service {
             return Ok(());
         }
         if view.run.fail_fast
-            && let Some(bad) = view.tasks.iter().find(|t| {
-                matches!(t.state, TaskState::Failed | TaskState::TimedOut)
-                    || (t.state == TaskState::Canceled && !canceled_by_run(t))
-            })
+            && let Some(bad) = &p.first_failure
         {
             let first = lock(&self.inner.state).aborting.insert(run_id.to_owned());
             if first {
-                let key = bad.spec.key.clone().unwrap_or_else(|| bad.id.clone());
+                let key = bad.key.clone().unwrap_or_else(|| bad.task_id.clone());
                 let reason = format!("fail_fast: task `{key}` ended {}", bad.state);
                 let svc = self.clone();
                 let run_id = run_id.to_owned();
@@ -1259,14 +1256,6 @@ impl Service {
     }
 }
 
-/// Whether a canceled task was canceled by its run (abort, broken needs)
-/// rather than failing on its own.
-fn canceled_by_run(t: &TaskRecord) -> bool {
-    t.cancel
-        .as_ref()
-        .is_some_and(|c| c.actor == "run" || c.actor == "fail_fast")
-}
-
 enum Needs {
     Met,
     Waiting,
@@ -1462,8 +1451,10 @@ mod tests {
 
     #[test]
     fn builtin_kinds_are_read_from_the_component() {
+        let plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
         for p in builtin::PLUGINS {
-            let expected = if p.name == "wc" || p.name == "exit-with" {
+            // A plugin with a `main` is a `wasi:cli` command.
+            let expected = if plugins.join(p.name).join("src/main.rs").exists() {
                 PluginKind::Command
             } else {
                 PluginKind::Task

@@ -6,6 +6,10 @@ use wasmtask_runtime::{Preopen, Stdin, TaskEnd};
 
 use crate::support::{json, request, run};
 
+/// `cpu-burn`'s work, compiled natively.
+#[path = "../../plugins/cpu-burn/src/work.rs"]
+mod work;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn args_env_and_exit_code_reach_the_command() {
     let mut req = request("exit-with", json!(null));
@@ -75,4 +79,29 @@ async fn wc_reads_stdin_and_fails_on_a_missing_path() {
     let report = run(req).await;
     assert_eq!(report.end, TaskEnd::Exited(1));
     assert!(!report.stderr.data.is_empty());
+}
+
+/// The same source, compiled to wasm and natively, computes the same sums
+/// (the benchmark's overhead comparison relies on it); bad arguments fail
+/// (std's exit code 2 arrives as 1: WASI 0.2 `exit` carries only failure).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_burn_computes_what_native_code_computes() {
+    for (what, n) in [("loops", 100_000u64), ("calls", 20)] {
+        let mut req = request("cpu-burn", json!(null));
+        req.wasi.args = vec![what.into(), n.to_string()];
+        let report = run(req).await;
+        assert_eq!(report.end, TaskEnd::Exited(0), "{what}");
+        let printed = String::from_utf8_lossy(&report.stdout.data)
+            .trim()
+            .to_owned();
+        assert_eq!(
+            printed,
+            work::run(what, n).unwrap().to_string(),
+            "{what} {n}"
+        );
+    }
+    assert_eq!(work::fib(20), 6765);
+    let mut req = request("cpu-burn", json!(null));
+    req.wasi.args = vec!["nope".into()];
+    assert_eq!(run(req).await.end, TaskEnd::Exited(1));
 }

@@ -26,6 +26,7 @@ mod cancel;
 mod engine;
 mod host;
 mod limits;
+mod probe;
 mod sandbox;
 mod scheduler;
 mod task;

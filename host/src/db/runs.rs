@@ -13,10 +13,10 @@ use serde_json::json;
 
 use super::{
     DbError, MAX_ACTOR_BYTES, MAX_REASON_BYTES, NewRun, NewTask, Result, RunAbortDecision,
-    RunAbortRequest, events, tasks, truncate_utf8,
+    RunAbortRequest, RunFailure, RunProgress, events, from_sql_u64, tasks, truncate_utf8,
 };
 use crate::model::{
-    EventKind, NewEvent, RunAbort, RunRecord, RunState, RunView, TaskRecord, UnixMillis,
+    EventKind, NewEvent, RunAbort, RunRecord, RunState, RunView, TaskRecord, TaskState, UnixMillis,
 };
 
 /// Runs per page when the caller names no limit.
@@ -93,6 +93,67 @@ pub(super) fn view(conn: &Connection, id: &str) -> Result<Option<RunView>> {
     };
     let tasks = tasks::of_run(&tx, id)?;
     Ok(Some(RunView { run, tasks }))
+}
+
+/// What moving a run along needs, read in one snapshot without loading its
+/// tasks: counts from the `(run_id, state)` index, and the first task (in
+/// finishing order) whose end trips fail-fast — failed, timed out, or
+/// canceled by anyone but the run itself (`run`, `fail_fast`). Called each
+/// time a task of the run ends, so it must not cost a read of every task.
+pub(super) fn progress(conn: &Connection, id: &str) -> Result<Option<RunProgress>> {
+    let tx = conn.unchecked_transaction()?;
+    let Some(run) = get(&tx, id)? else {
+        return Ok(None);
+    };
+    let (total, unfinished, succeeded) = tx
+        .prepare_cached(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(state IN ('queued', 'running', 'cancel_requested')), 0),
+                    COALESCE(SUM(state = 'succeeded'), 0)
+             FROM tasks WHERE run_id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+    let first_failure = tx
+        .prepare_cached(
+            "SELECT t.id, json_extract(t.spec, '$.key'), t.state
+             FROM tasks t LEFT JOIN cancels c ON c.task_id = t.id
+             WHERE t.run_id = ?1
+               AND (t.state IN ('failed', 'timed_out')
+                    OR (t.state = 'canceled'
+                        AND (c.actor IS NULL OR c.actor NOT IN ('run', 'fail_fast'))))
+             ORDER BY t.finished_at, t.rowid LIMIT 1",
+        )?
+        .query_and_then([id], |r| -> Result<RunFailure> {
+            let task_id: String = r.get(0)?;
+            let state: String = r.get(2)?;
+            let Some(state) = TaskState::parse(&state) else {
+                return Err(DbError::Corrupt {
+                    id: task_id,
+                    what: "task state",
+                    detail: state,
+                });
+            };
+            Ok(RunFailure {
+                key: r.get(1)?,
+                task_id,
+                state,
+            })
+        })?
+        .next()
+        .transpose()?;
+    Ok(Some(RunProgress {
+        run,
+        total: from_sql_u64(total),
+        unfinished: from_sql_u64(unfinished),
+        succeeded: from_sql_u64(succeeded),
+        first_failure,
+    }))
 }
 
 /// Newest first by `(created_at, id)`, keyset paging after `cursor` (a run id).

@@ -1298,7 +1298,7 @@ async fn a_v1_database_is_upgraded_in_place() {
     }
 
     let db = Db::open(&path).await.unwrap();
-    assert_eq!(db.read(schema::user_version).await.unwrap(), 3);
+    assert_eq!(db.read(schema::user_version).await.unwrap(), 4);
     // The plugin keeps its one name as its first registration.
     let plugin = db.get_plugin("echo").await.unwrap().unwrap();
     assert_eq!((plugin.id.as_str(), plugin.created_at), ("digest", 1));
@@ -1373,7 +1373,7 @@ async fn a_v1_database_is_upgraded_in_place() {
 
     // Reopening applies nothing more and keeps it all.
     let db = Db::open(&path).await.unwrap();
-    assert_eq!(db.read(schema::user_version).await.unwrap(), 3);
+    assert_eq!(db.read(schema::user_version).await.unwrap(), 4);
     assert_eq!(db.get_run("r_old").await.unwrap(), Some(run));
     assert_eq!(
         db.get_task("t_old").await.unwrap().unwrap().state,
@@ -1902,4 +1902,65 @@ async fn a_watcher_always_finds_the_events_it_was_told_about() {
         insert.await.unwrap().unwrap();
     }
     assert_eq!(watcher.await.unwrap(), TASKS);
+}
+
+/// A run's progress is counted from the index and names the first task
+/// that trips fail-fast — failed, timed out, or canceled by someone other
+/// than the run — but not one the run canceled itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_progress_counts_and_finds_the_first_failure() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let keyed = |key: &str| {
+        let mut t = new_task(&plugin);
+        t.run_id = Some("r_p".into());
+        t.spec.key = Some(key.into());
+        t
+    };
+    let (a, b, c, d) = (keyed("a"), keyed("b"), keyed("c"), keyed("d"));
+    db.insert_run(
+        NewRun {
+            id: "r_p".into(),
+            name: None,
+            fail_fast: true,
+            created_at: 1,
+        },
+        vec![a.clone(), b.clone(), c.clone(), d.clone()],
+    )
+    .await
+    .unwrap();
+    let p = db.run_progress("r_p").await.unwrap().unwrap();
+    assert_eq!((p.total, p.unfinished, p.succeeded), (4, 4, 0));
+    assert_eq!(p.first_failure, None);
+    assert_eq!(db.run_progress("r_nope").await.unwrap(), None);
+
+    // a succeeds; b is canceled by its run (not a failure); c by an operator.
+    db.mark_started(&a.id).await.unwrap();
+    db.finish(&a.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+    db.request_cancel(&b.id, cancel("run", 0)).await.unwrap();
+    let p = db.run_progress("r_p").await.unwrap().unwrap();
+    assert_eq!((p.total, p.unfinished, p.succeeded), (4, 2, 1));
+    assert_eq!(
+        p.first_failure, None,
+        "canceled by its run is not a failure"
+    );
+    db.request_cancel(&c.id, cancel("api", 0)).await.unwrap();
+    let p = db.run_progress("r_p").await.unwrap().unwrap();
+    assert_eq!(p.unfinished, 1);
+    assert_eq!(
+        p.first_failure,
+        Some(RunFailure {
+            task_id: c.id.clone(),
+            key: Some("c".into()),
+            state: TaskState::Canceled,
+        })
+    );
+    // A later failure does not displace the first.
+    db.mark_started(&d.id).await.unwrap();
+    db.finish(&d.id, outcome(TaskState::Failed)).await.unwrap();
+    let p = db.run_progress("r_p").await.unwrap().unwrap();
+    assert_eq!((p.unfinished, p.succeeded), (0, 1));
+    assert_eq!(p.first_failure.map(|f| f.task_id), Some(c.id));
 }

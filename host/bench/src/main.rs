@@ -1,0 +1,554 @@
+//! `wasmtask-bench`: wasmtask's performance claims, measured side by side
+//! with their baselines in one run, written as markdown tables into
+//! `BENCHMARKS.md` (between the `bench:begin`/`bench:end` markers, so the
+//! analysis around them stays).
+//!
+//! ```text
+//! cargo run --release -p wasmtask-bench            # full run, ~10 minutes on 2 cores
+//! cargo run --release -p wasmtask-bench -- --quick # small counts (what the test suite runs)
+//! ```
+//!
+//! Parts (see each module's doc for the method):
+//! 1. cancel → guest stopped, beside a native process stopped by a signal
+//!    (`cancel`, `native`);
+//! 2. HTTP cancel → terminal state committed, and an unrelated request,
+//!    under load (`http`);
+//! 3. interruption overhead on CPU-bound code (`overhead`);
+//! 4. start-up: instantiation and compile time (`startup`);
+//! 5. throughput of trivial tasks (`throughput`, `http`), beside a
+//!    process per task;
+//! 6. memory per parked task (`memory`).
+//!
+//! Nothing here asserts a time: the quick mode only proves every part runs.
+
+mod cancel;
+mod http;
+mod memory;
+mod native;
+mod overhead;
+mod startup;
+mod stats;
+mod throughput;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use wasmtask_runtime::{Plugin, Runtime};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wasmtask-bench",
+    about = "wasmtask's benchmarks, beside their baselines"
+)]
+struct Args {
+    /// Small counts: every part runs in seconds (numbers are not meaningful).
+    #[arg(long)]
+    quick: bool,
+    /// The markdown file to write the results into (between the markers).
+    /// Default: BENCHMARKS.md at the top of the checkout; `-` for stdout only.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only these parts (1–6), e.g. `--only 1,3`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Internal: run as a baseline child process.
+    #[arg(long, hide = true)]
+    child: Option<String>,
+}
+
+/// Counts for one run.
+pub struct Scale {
+    pub quick: bool,
+    /// Tasks running at once in part 1.
+    pub counts: Vec<usize>,
+    pub samples_one: usize,
+    pub samples_many: usize,
+    /// Part 2: tasks running, samples.
+    pub http_running: usize,
+    pub http_samples: usize,
+    /// Part 3: loop iterations, fib argument, repetitions.
+    pub loops: u64,
+    pub fib: u64,
+    pub reps: usize,
+    /// Part 4: instantiations.
+    pub instantiations: usize,
+    /// Part 5: trivial tasks in-process, over HTTP, processes.
+    pub trivial: usize,
+    pub trivial_http: usize,
+    pub processes: usize,
+    /// Part 6: parked tasks.
+    pub parked: Vec<usize>,
+}
+
+impl Scale {
+    fn new(quick: bool) -> Scale {
+        if quick {
+            Scale {
+                quick,
+                counts: vec![1, 10],
+                samples_one: 5,
+                samples_many: 5,
+                http_running: 20,
+                http_samples: 5,
+                loops: 1_000_000,
+                fib: 20,
+                reps: 1,
+                instantiations: 20,
+                trivial: 200,
+                trivial_http: 100,
+                processes: 20,
+                parked: vec![10],
+            }
+        } else {
+            Scale {
+                quick,
+                counts: vec![1, 100, 1000],
+                samples_one: 200,
+                samples_many: 200,
+                http_running: 1000,
+                http_samples: 300,
+                loops: 400_000_000,
+                fib: 38,
+                reps: 3,
+                instantiations: 5000,
+                trivial: 30_000,
+                trivial_http: 10_000,
+                processes: 2000,
+                parked: vec![1000, 10_000],
+            }
+        }
+    }
+}
+
+/// Compiles a built-in plugin into `rt` (off the async runtime).
+pub async fn load(rt: &Runtime, name: &str) -> anyhow::Result<Plugin> {
+    let p = wasmtask::builtin::find(name).with_context(|| format!("no built-in plugin {name}"))?;
+    Ok(rt.load_async(p.bytes.to_vec()).await?)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(mode) = &args.child {
+        native::child(mode);
+    }
+    raise_fd_limit();
+    let runtime = match wasmtask::runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wasmtask-bench: cannot start tokio: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The measuring code runs on a worker, like an API handler.
+    let result = runtime.block_on(async move {
+        tokio::spawn(run(args))
+            .await
+            .map_err(|e| anyhow::anyhow!("the bench panicked: {e}"))?
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wasmtask-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    // A thousand child processes hold two pipes each.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let scale = Scale::new(args.quick);
+    let want = |part: u8| args.only.is_empty() || args.only.contains(&part);
+    let started = Instant::now();
+    let mut md = header(&args)?;
+    let parts: [(u8, &str); 6] = [
+        (1, "cancel → guest stopped"),
+        (2, "HTTP cancel under load"),
+        (3, "interruption overhead"),
+        (4, "start-up"),
+        (5, "throughput"),
+        (6, "memory per parked task"),
+    ];
+    for (n, name) in parts {
+        if !want(n) {
+            continue;
+        }
+        eprintln!("wasmtask-bench: part {n}: {name} …");
+        let t0 = Instant::now();
+        let section = match n {
+            1 => part1(&scale).await,
+            2 => part2(&scale).await,
+            3 => part3(&scale).await,
+            4 => startup::part4(&scale).await,
+            5 => throughput::part5(&scale).await,
+            _ => memory::part6(&scale).await,
+        }
+        .with_context(|| format!("part {n} ({name})"))?;
+        eprintln!(
+            "wasmtask-bench: part {n} done in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        println!("{section}");
+        md.push_str(&section);
+        md.push('\n');
+    }
+    let _ = writeln!(md, "_Whole run: {:.0} s._", started.elapsed().as_secs_f64());
+    write_out(&args, &md)
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The machine, versions, mode and command of this run.
+fn header(args: &Args) -> anyhow::Result<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let lock = std::fs::read_to_string(workspace_root().join("Cargo.lock")).unwrap_or_default();
+    let version_of = |krate: &str| -> String {
+        let needle = format!("name = \"{krate}\"\nversion = \"");
+        lock.find(&needle)
+            .map(|i| &lock[i + needle.len()..])
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or("unknown")
+            .to_owned()
+    };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut md = String::new();
+    writeln!(md, "## Results\n")?;
+    writeln!(
+        md,
+        "Measured {} with `{}`{}.\n",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        if args.quick {
+            "cargo run --release -p wasmtask-bench -- --quick"
+        } else {
+            "cargo run --release -p wasmtask-bench"
+        },
+        if args.only.is_empty() {
+            String::new()
+        } else {
+            format!(" (parts {:?} only)", args.only)
+        }
+    )?;
+    writeln!(md, "| | |\n|---|---|")?;
+    writeln!(md, "| machine | {model}, {cores} cores, {mem} |")?;
+    writeln!(md, "| kernel | {} |", sh("uname", &["-srm"]))?;
+    writeln!(md, "| rustc | {} |", sh("rustc", &["--version"]))?;
+    writeln!(
+        md,
+        "| wasmtime / wasmtime-wasi | {} / {} |",
+        version_of("wasmtime"),
+        version_of("wasmtime-wasi")
+    )?;
+    writeln!(
+        md,
+        "| tokio / rusqlite / axum | {} / {} / {} |",
+        version_of("tokio"),
+        version_of("rusqlite"),
+        version_of("axum")
+    )?;
+    writeln!(
+        md,
+        "| build | {} |",
+        if cfg!(debug_assertions) {
+            "debug (numbers not representative)"
+        } else {
+            "release"
+        }
+    )?;
+    writeln!(
+        md,
+        "| RUST_LIB_BACKTRACE | {} |\n",
+        std::env::var("RUST_LIB_BACKTRACE").unwrap_or_else(|_| "unset".into())
+    )?;
+    if args.quick {
+        writeln!(
+            md,
+            "**Quick mode: tiny counts, the numbers mean nothing.**\n"
+        )?;
+    }
+    Ok(md)
+}
+
+const BEGIN: &str = "<!-- bench:begin (written by wasmtask-bench; edits here are overwritten) -->";
+const END: &str = "<!-- bench:end -->";
+
+fn write_out(args: &Args, md: &str) -> anyhow::Result<()> {
+    let path = match &args.out {
+        Some(p) if p.as_os_str() == "-" => return Ok(()),
+        Some(p) => p.clone(),
+        None => workspace_root().join("BENCHMARKS.md"),
+    };
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{md}{END}");
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => format!("{}{block}{}", &old[..b], &old[e + END.len()..]),
+        _ if old.is_empty() => format!("# Benchmarks\n\n{block}\n"),
+        _ => format!("{}\n{block}\n", old.trim_end()),
+    };
+    std::fs::write(&path, new).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("wasmtask-bench: wrote {}", path.display());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------
+// Parts 1–3 (their measuring code lives in the modules)
+// ---------------------------------------------------------------------
+
+fn bench_runtime(max_concurrent: usize) -> anyhow::Result<Runtime> {
+    Runtime::new(wasmtask_runtime::RuntimeConfig {
+        max_concurrent,
+        ..wasmtask_runtime::RuntimeConfig::default()
+    })
+}
+
+async fn part1(scale: &Scale) -> anyhow::Result<String> {
+    use native::Work;
+    use stats::{dur, ratio};
+    let max = scale.counts.iter().copied().max().unwrap_or(1);
+    let rt = bench_runtime(max + 64)?;
+    let guests = cancel::Guests::load(&rt).await?;
+    let mut md = String::new();
+    writeln!(md, "### 1. Cancel → guest stopped\n")?;
+    writeln!(
+        md,
+        "Each row: that many guests of the kind run at once (sleeping and reading rows also \
+         run {} spinning guests, so every core is busy); guests are canceled one at a time with \
+         no grace. **wasmtask**: from `CancelHandle::cancel` to the task's `wait()` having \
+         returned in its own tokio task (the runtime's own figure, request → store dropped, \
+         beside it). **Native**: the same work as one process per task (a busy loop, a \
+         `nanosleep`, a blocking `read` of a pipe), from `kill(2)` to `waitpid(2)` returning; \
+         the SIGTERM rows use a program that handles SIGTERM by exiting. Ratio: native SIGKILL \
+         p99 ÷ wasmtask p99.\n",
+        2 * rt.cpu_slots()
+    )?;
+    writeln!(
+        md,
+        "| guest | running | samples (native) | wasmtask p50 / p99 / max | runtime's own p50 / p99 | native SIGKILL p50 / p99 | native SIGTERM p50 / p99 | ratio (p99) |"
+    )?;
+    writeln!(md, "|---|---:|---:|---|---|---|---|---:|")?;
+    for work in [Work::Spin, Work::Sleep, Work::Read] {
+        for &n in &scale.counts {
+            let samples = if n == 1 {
+                scale.samples_one
+            } else {
+                scale.samples_many.min(n)
+            };
+            let (outer, inner) = cancel::measure(&rt, &guests, work, n, samples).await?;
+            // A signalled process needs CPU time to die: among a thousand
+            // spinning processes that takes seconds, so fewer samples there.
+            let native_samples = if work == Work::Spin && n >= 1000 {
+                samples.min(40)
+            } else {
+                samples
+            };
+            let (kill, term) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let kill = stats::summarize(native::stop_latency(
+                    work,
+                    n,
+                    native_samples,
+                    libc::SIGKILL,
+                )?);
+                let term = stats::summarize(native::stop_latency(
+                    work,
+                    n,
+                    native_samples,
+                    libc::SIGTERM,
+                )?);
+                Ok((kill, term))
+            })
+            .await??;
+            let kind = match work {
+                Work::Spin => "spinning",
+                Work::Sleep => "WASI sleep",
+                Work::Read => "blocked in a stdin read",
+            };
+            writeln!(
+                md,
+                "| {kind} | {n} | {} ({}) | {} / {} / {} | {} / {} | {} / {} | {} / {} | {} |",
+                outer.n,
+                kill.n,
+                dur(outer.p50),
+                dur(outer.p99),
+                dur(outer.max),
+                dur(inner.p50),
+                dur(inner.p99),
+                dur(kill.p50),
+                dur(kill.p99),
+                dur(term.p50),
+                dur(term.p99),
+                ratio(kill.p99, outer.p99),
+            )?;
+            eprintln!(
+                "  {kind} × {n}: p99 {} (native SIGKILL p99 {})",
+                dur(outer.p99),
+                dur(kill.p99)
+            );
+        }
+    }
+    Ok(md)
+}
+
+async fn part2(scale: &Scale) -> anyhow::Result<String> {
+    use stats::dur;
+    let dir = tempfile::tempdir()?;
+    let (cancels, gets) =
+        http::cancel_under_load(dir.path(), scale.http_running, scale.http_samples).await?;
+    let mut md = String::new();
+    writeln!(
+        md,
+        "### 2. HTTP cancel → terminal state committed, under load\n"
+    )?;
+    writeln!(
+        md,
+        "{} spinning tasks submitted over HTTP and running (every core busy with guests), on \
+         the real router and task service with SQLite on disk. One at a time, a task is \
+         canceled with `POST /v1/tasks/{{id}}/cancel {{\"grace_ms\":0,\"wait_ms\":30000}}`: the \
+         200 answer is sent once `canceled` and the cancel record are committed, so the round \
+         trip bounds cancel → committed. Each is followed by an unrelated request (`GET` of \
+         another running task's record). Client: one keep-alive connection from a thread \
+         outside the server's runtime.\n",
+        scale.http_running
+    )?;
+    writeln!(md, "| request | samples | p50 | p99 | max |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "| cancel → committed (HTTP round trip) | {} | {} | {} | {} |",
+        cancels.n,
+        dur(cancels.p50),
+        dur(cancels.p99),
+        dur(cancels.max)
+    )?;
+    writeln!(
+        md,
+        "| unrelated `GET /v1/tasks/{{id}}` | {} | {} | {} | {} |",
+        gets.n,
+        dur(gets.p50),
+        dur(gets.p99),
+        dur(gets.max)
+    )?;
+    Ok(md)
+}
+
+async fn part3(scale: &Scale) -> anyhow::Result<String> {
+    use stats::dur;
+    let bytes = wasmtask::builtin::find("cpu-burn")
+        .context("no cpu-burn plugin")?
+        .bytes;
+    let plain = overhead::Own::new(bytes, false)?;
+    let epochs = overhead::Own::new(bytes, true)?;
+    let rt = bench_runtime(16)?;
+    let plugin = rt.load_async(bytes.to_vec()).await?;
+    let mut md = String::new();
+    writeln!(md, "### 3. Interruption overhead on CPU-bound guest code\n")?;
+    writeln!(
+        md,
+        "`cpu-burn` (in `plugins/`): **loops** = {} iterations of a xorshift loop (no calls); \
+         **calls** = fib({}) by naive recursion (almost all function entries). Median of {} \
+         runs each, one guest at a time; ratios are to the uninterrupted wasm run. Every run's \
+         checksum equals the native one.\n",
+        stats::count(scale.loops as f64),
+        scale.fib,
+        scale.reps
+    )?;
+    writeln!(md, "| variant | loops | ratio | calls | ratio |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    let mut rows: Vec<(&str, Vec<std::time::Duration>)> = Vec::new();
+    for (label, variant) in [
+        ("native Rust (same source, opt-level 3)", 0),
+        ("wasm, no interruption", 1),
+        ("wasm, epoch interruption (2 ms tick, yield per tick)", 2),
+        ("**wasmtask as shipped** (epochs + CPU slots)", 3),
+        ("wasmtask with fuel metering (+ epochs)", 4),
+    ] {
+        let mut medians = Vec::new();
+        for what in overhead::WORKLOADS {
+            let n = if what == "loops" {
+                scale.loops
+            } else {
+                scale.fib
+            };
+            let expect = overhead::native(what, n)?.1;
+            let mut times = Vec::new();
+            for _ in 0..scale.reps {
+                let (t, sum) = match variant {
+                    0 => overhead::native(what, n)?,
+                    1 => plain.run(what, n).await?,
+                    2 => epochs.run(what, n).await?,
+                    3 => overhead::shipped(&rt, &plugin, what, n, false).await?,
+                    _ => overhead::shipped(&rt, &plugin, what, n, true).await?,
+                };
+                anyhow::ensure!(
+                    sum == expect,
+                    "{label} {what}: checksum {sum}, native {expect}"
+                );
+                times.push(t);
+            }
+            medians.push(overhead::median(times));
+        }
+        rows.push((label, medians));
+    }
+    let base = rows.get(1).map(|r| r.1.clone()).unwrap_or_default();
+    for (label, m) in &rows {
+        let r = |i: usize| {
+            let b = base.get(i).copied().unwrap_or_default().as_secs_f64();
+            if b == 0.0 {
+                "–".to_owned()
+            } else {
+                format!("{:.3}", m[i].as_secs_f64() / b)
+            }
+        };
+        writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} |",
+            dur(m[0]),
+            r(0),
+            dur(m[1]),
+            r(1)
+        )?;
+    }
+    Ok(md)
+}

@@ -1,0 +1,173 @@
+//! The baselines: the same work as a native process per task, the way users
+//! stop such work without wasmtask — a signal, then reaping the process.
+//!
+//! The bench binary re-executes itself as the child (`--child MODE`), so the
+//! child is a plain Rust program: it installs a SIGTERM handler that exits at
+//! once (the "program handles it" case), prints `ready`, then spins, sleeps
+//! or blocks reading its stdin.
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// What a child does once ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    Spin,
+    Sleep,
+    Read,
+}
+
+impl Work {
+    pub fn mode(self) -> &'static str {
+        match self {
+            Work::Spin => "spin",
+            Work::Sleep => "sleep",
+            Work::Read => "read",
+        }
+    }
+}
+
+extern "C" fn on_term(_: libc::c_int) {
+    // SAFETY: `_exit` is async-signal-safe.
+    unsafe { libc::_exit(0) }
+}
+
+/// The child side: runs `mode` and never returns (except `exit`).
+pub fn child(mode: &str) -> ! {
+    if mode == "exit" {
+        std::process::exit(0);
+    }
+    // SAFETY: installing a handler that only calls `_exit`.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_term as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(b"ready\n");
+    let _ = out.flush();
+    match mode {
+        "spin" => {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "sleep" => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        _ => {
+            let mut buf = [0u8; 64];
+            loop {
+                // A read that never completes: the parent keeps the pipe open.
+                let _ = std::io::stdin().read(&mut buf);
+            }
+        }
+    }
+}
+
+fn spawn(work: Work) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the bench binary")?;
+    let mut child = Command::new(exe)
+        .args(["--child", work.mode()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot spawn a child process")?;
+    let mut ready = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .context("no stdout")?
+        .read_exact(&mut ready)
+        .context("the child did not report ready")?;
+    if &ready != b"ready\n" {
+        bail!("unexpected child output {ready:?}");
+    }
+    Ok(child)
+}
+
+fn signal(child: &Child, sig: libc::c_int) -> anyhow::Result<()> {
+    let pid = i32::try_from(child.id()).context("pid")?;
+    // SAFETY: signalling our own child, which has not been reaped yet.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        bail!("kill: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Signal → process reaped, for `samples` of `n` children running `work`
+/// at once (for `n == 1`, one child at a time, `samples` times).
+pub fn stop_latency(
+    work: Work,
+    n: usize,
+    samples: usize,
+    sig: libc::c_int,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut out = Vec::with_capacity(samples);
+    if n == 1 {
+        for _ in 0..samples {
+            let mut c = spawn(work)?;
+            let t0 = Instant::now();
+            signal(&c, sig)?;
+            c.wait()?;
+            out.push(t0.elapsed());
+        }
+        return Ok(out);
+    }
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        children.push(Some(spawn(work)?));
+    }
+    let step = (n / samples.max(1)).max(1);
+    for i in (0..n).step_by(step).take(samples) {
+        let Some(mut c) = children[i].take() else {
+            continue;
+        };
+        let t0 = Instant::now();
+        signal(&c, sig)?;
+        c.wait()?;
+        out.push(t0.elapsed());
+    }
+    for mut c in children.into_iter().flatten() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    Ok(out)
+}
+
+/// Trivial processes spawned and reaped per second, `threads` at a time.
+pub fn spawn_rate(total: usize, threads: usize) -> anyhow::Result<f64> {
+    let exe = std::env::current_exe().context("cannot find the bench binary")?;
+    let t0 = Instant::now();
+    let per = total.div_ceil(threads.max(1));
+    let handles: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let exe = exe.clone();
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                for _ in 0..per {
+                    let st = Command::new(&exe)
+                        .args(["--child", "exit"])
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()?;
+                    if !st.success() {
+                        bail!("a trivial child failed: {st}");
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join()
+            .map_err(|_| anyhow::anyhow!("a spawner thread panicked"))??;
+    }
+    Ok((per * threads.max(1)) as f64 / t0.elapsed().as_secs_f64())
+}
