@@ -33,10 +33,17 @@ pub mod service;
 /// guests are busy, one worker is never inside a guest, so it is there to
 /// take API requests, cancels and database replies off the busy workers'
 /// queues (work stealing) instead of them waiting behind guest time slices.
+///
+/// `WASMTASK_WORKER_THREADS` overrides the worker count (default: CPUs + 1).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = std::env::var("WASMTASK_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(cpus + 1);
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cpus + 1)
+        .worker_threads(workers)
         .enable_all()
         .event_interval(1)
         .global_queue_interval(2)

@@ -55,6 +55,15 @@ struct Args {
     /// Only these parts (1–6), e.g. `--only 1,3`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
+    /// Part 1's task counts instead of the mode's (e.g. `--counts 1,100`).
+    #[arg(long, value_delimiter = ',')]
+    counts: Vec<usize>,
+    /// Part 1's samples per row instead of the mode's.
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Part 1: skip the native baseline.
+    #[arg(long)]
+    no_native: bool,
     /// Internal: run as a baseline child process.
     #[arg(long, hide = true)]
     child: Option<String>,
@@ -82,6 +91,8 @@ pub struct Scale {
     pub processes: usize,
     /// Part 6: parked tasks.
     pub parked: Vec<usize>,
+    /// Part 1: measure the native baseline too.
+    pub native: bool,
 }
 
 impl Scale {
@@ -102,6 +113,7 @@ impl Scale {
                 trivial_http: 100,
                 processes: 20,
                 parked: vec![10],
+                native: true,
             }
         } else {
             Scale {
@@ -119,6 +131,7 @@ impl Scale {
                 trivial_http: 10_000,
                 processes: 2000,
                 parked: vec![1000, 10_000],
+                native: true,
             }
         }
     }
@@ -175,7 +188,15 @@ fn raise_fd_limit() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let scale = Scale::new(args.quick);
+    let mut scale = Scale::new(args.quick);
+    if !args.counts.is_empty() {
+        scale.counts = args.counts.clone();
+    }
+    if let Some(n) = args.samples {
+        scale.samples_one = n;
+        scale.samples_many = n;
+    }
+    scale.native = !args.no_native;
     let want = |part: u8| args.only.is_empty() || args.only.contains(&part);
     let started = Instant::now();
     let mut md = header(&args)?;
@@ -379,25 +400,14 @@ async fn part1(scale: &Scale) -> anyhow::Result<String> {
             let (outer, inner) = cancel::measure(&rt, &guests, work, n, samples).await?;
             // A signalled process needs CPU time to die: among a thousand
             // spinning processes that takes seconds, so fewer samples there.
-            let native_samples = if work == Work::Spin && n >= 1000 {
-                samples.min(40)
-            } else {
-                samples
+            let native_samples = match (scale.native, work, n) {
+                (false, _, _) => 0,
+                (_, Work::Spin, 1000..) => samples.min(20),
+                _ => samples,
             };
             let (kill, term) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let kill = stats::summarize(native::stop_latency(
-                    work,
-                    n,
-                    native_samples,
-                    libc::SIGKILL,
-                )?);
-                let term = stats::summarize(native::stop_latency(
-                    work,
-                    n,
-                    native_samples,
-                    libc::SIGTERM,
-                )?);
-                Ok((kill, term))
+                let (kill, term) = native::stop_latency(work, n, native_samples)?;
+                Ok((stats::summarize(kill), stats::summarize(term)))
             })
             .await??;
             let kind = match work {

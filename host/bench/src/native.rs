@@ -102,43 +102,58 @@ fn signal(child: &Child, sig: libc::c_int) -> anyhow::Result<()> {
 }
 
 /// Signal → process reaped, for `samples` of `n` children running `work`
-/// at once (for `n == 1`, one child at a time, `samples` times).
+/// at once (for `n == 1`, one child at a time): the samples alternate
+/// between SIGKILL and SIGTERM (which the child handles by exiting), so one
+/// population of children serves both. Returns (SIGKILL, SIGTERM) times.
 pub fn stop_latency(
     work: Work,
     n: usize,
     samples: usize,
-    sig: libc::c_int,
-) -> anyhow::Result<Vec<Duration>> {
-    let mut out = Vec::with_capacity(samples);
-    if n == 1 {
-        for _ in 0..samples {
-            let mut c = spawn(work)?;
-            let t0 = Instant::now();
-            signal(&c, sig)?;
-            c.wait()?;
-            out.push(t0.elapsed());
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let (mut kill, mut term) = (Vec::new(), Vec::new());
+    let mut one = |c: &mut Child, i: usize| -> anyhow::Result<()> {
+        let sig = if i % 2 == 0 {
+            libc::SIGKILL
+        } else {
+            libc::SIGTERM
+        };
+        let t0 = Instant::now();
+        signal(c, sig)?;
+        c.wait()?;
+        let took = t0.elapsed();
+        if sig == libc::SIGKILL {
+            kill.push(took);
+        } else {
+            term.push(took);
         }
-        return Ok(out);
+        Ok(())
+    };
+    if samples == 0 {
+        return Ok((kill, term));
+    }
+    if n == 1 {
+        for i in 0..2 * samples {
+            let mut c = spawn(work)?;
+            one(&mut c, i)?;
+        }
+        return Ok((kill, term));
     }
     let mut children = Vec::with_capacity(n);
     for _ in 0..n {
         children.push(Some(spawn(work)?));
     }
-    let step = (n / samples.max(1)).max(1);
-    for i in (0..n).step_by(step).take(samples) {
-        let Some(mut c) = children[i].take() else {
-            continue;
-        };
-        let t0 = Instant::now();
-        signal(&c, sig)?;
-        c.wait()?;
-        out.push(t0.elapsed());
+    let picks = (2 * samples).min(n);
+    let step = (n / picks.max(1)).max(1);
+    for (k, i) in (0..n).step_by(step).take(picks).enumerate() {
+        if let Some(mut c) = children[i].take() {
+            one(&mut c, k)?;
+        }
     }
     for mut c in children.into_iter().flatten() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    Ok(out)
+    Ok((kill, term))
 }
 
 /// Trivial processes spawned and reaped per second, `threads` at a time.
