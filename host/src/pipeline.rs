@@ -663,8 +663,8 @@ pub fn print_summary(view: &RunView, output: OutputFormat) -> Result<(), CliErro
         } else {
             String::new()
         };
-        s.push_str(&format!(
-            "{:<16} {:<10} {:>4} {:>9}  {}\n",
+        let row = format!(
+            "{:<16} {:<10} {:>4} {:>9}  {}",
             t.spec.key.as_deref().unwrap_or("-"),
             t.state.as_str(),
             t.exit_code
@@ -672,7 +672,9 @@ pub fn print_summary(view: &RunView, output: OutputFormat) -> Result<(), CliErro
                 .unwrap_or_else(|| "-".into()),
             time,
             detail
-        ));
+        );
+        s.push_str(row.trim_end());
+        s.push('\n');
     }
     print!("{s}");
     Ok(())

@@ -528,3 +528,38 @@ needs = ["count"]
     assert!(stdout_of(step(&view, "test")).contains("1 passed, 0 failed"));
     assert!(!workspace_host(count).exists(), "the server cleaned up too");
 }
+
+#[test]
+fn a_run_timeout_aborts_the_whole_run_as_failed() {
+    let scratch = Scratch::new();
+    let file = scratch.manifest(
+        r#"
+timeout = "1s"
+
+[steps.sleep]
+plugin = "sleeper"
+input = { ms = 600000 }
+
+[steps.next]
+plugin = "hello"
+input = { text = "never" }
+needs = ["sleep"]
+"#,
+    );
+    let out = run_pipeline(&scratch, &file);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    let view = &out.json;
+    assert_eq!(view["run"]["state"], "failed", "{view:#}");
+    assert_eq!(view["run"]["abort"]["actor"], "timeout");
+    let sleep = step(view, "sleep");
+    assert_eq!(sleep["state"], "canceled");
+    assert!(
+        sleep["cancel"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("run timeout")
+    );
+    let next = step(view, "next");
+    assert_eq!(next["state"], "canceled");
+    assert!(next["started_at"].is_null());
+}
