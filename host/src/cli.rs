@@ -1521,6 +1521,9 @@ impl FollowPrinter {
 fn follow_line(ev: &Event) -> Option<String> {
     let requeued = ev.data.get("requeued").and_then(Value::as_bool) == Some(true);
     match ev.kind {
+        // A line of the guest's stdout/stderr: the final report prints the
+        // captured output whole (`logs` shows these lines).
+        EventKind::TaskLog if ev.data.get("stream").is_some() => None,
         EventKind::TaskLog => Some(log_text(&ev.data)),
         EventKind::TaskProgress => Some(format!("[progress {}]", progress_text(&ev.data))),
         // The final report covers the end; checkpoints and the first queued

@@ -527,6 +527,21 @@ needs = ["count"]
     assert_eq!(counts["total"]["lines"], 3, "{counts:#}");
     assert!(stdout_of(step(&view, "test")).contains("1 passed, 0 failed"));
     assert!(!workspace_host(count).exists(), "the server cleaned up too");
+
+    // The server checks directories against its own `allowed_dirs`: a
+    // workspace outside them is refused (exit 2) and no run is created.
+    let runs_before = server.get("/v1/runs").1["runs"].as_array().unwrap().len();
+    let file = scratch.manifest("[workspace]\nsource = \"/etc\"\n[steps.a]\nplugin = \"wc\"\n");
+    let out = bin()
+        .args(["--server", &server.base_url, "pipeline", "submit"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("workspace: `/etc` is not under"), "{err}");
+    let runs_after = server.get("/v1/runs").1["runs"].as_array().unwrap().len();
+    assert_eq!(runs_before, runs_after);
 }
 
 #[test]
