@@ -27,8 +27,16 @@ use std::{env, fs};
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
+/// Plugins that are also built for WASI preview 1 (`wasm32-wasip1`, a core
+/// module with `_start`); the preview-1 build is the one embedded.
+const P1_TARGET: &str = "wasm32-wasip1";
+const P1_PLUGINS: [&str; 1] = ["p1-command"];
+
+/// Preamble of a core WebAssembly module: magic, version `1`, layer `0`.
+const CORE_HEADER: [u8; 8] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
+
 /// Plugins shown to users; every other plugin is a test fixture.
-const EXAMPLES: [&str; 4] = ["hello", "cooperative", "sleeper", "wc"];
+const EXAMPLES: [&str; 6] = ["hello", "cooperative", "sleeper", "wc", "lint", "minitest"];
 
 /// Preamble of a WebAssembly component: magic, then version `0x0d` and
 /// layer `1` (a core module has version `1` and layer `0`).
@@ -61,11 +69,10 @@ fn build() -> Result<(), String> {
 
     let plugins = discover(&plugins_dir)?;
     rerun_if_changed(&repo, &plugins_dir, &plugins);
-    build_plugins(&plugins_dir)?;
+    build_plugins(&plugins_dir, WASM_TARGET, &[])?;
+    build_plugins(&plugins_dir, P1_TARGET, &P1_PLUGINS)?;
 
-    let wasm_dir = plugins_target_dir(&plugins_dir)
-        .join(WASM_TARGET)
-        .join("release");
+    let target_dir = plugins_target_dir(&plugins_dir);
     let dest_dir = out_dir.join("plugins");
     fs::create_dir_all(&dest_dir)
         .map_err(|e| format!("cannot create {}: {e}", dest_dir.display()))?;
@@ -79,7 +86,16 @@ fn build() -> Result<(), String> {
         } else {
             plugin.name.replace('-', "_")
         };
-        let built = wasm_dir.join(format!("{artifact}.wasm"));
+        let p1 = P1_PLUGINS.contains(&plugin.name.as_str());
+        let (target, header) = if p1 {
+            (P1_TARGET, CORE_HEADER)
+        } else {
+            (WASM_TARGET, COMPONENT_HEADER)
+        };
+        let built = target_dir
+            .join(target)
+            .join("release")
+            .join(format!("{artifact}.wasm"));
         let bytes = fs::read(&built).map_err(|e| {
             format!(
                 "plugin `{}` was not built ({}: {e}); is it a member of plugins/Cargo.toml?",
@@ -87,10 +103,11 @@ fn build() -> Result<(), String> {
                 built.display()
             )
         })?;
-        if !bytes.starts_with(&COMPONENT_HEADER) {
+        if !bytes.starts_with(&header) {
             return Err(format!(
-                "{} is not a WebAssembly component (it must be built for {WASM_TARGET})",
-                built.display()
+                "{} is not what {target} produces (a {})",
+                built.display(),
+                if p1 { "core module" } else { "component" }
             ));
         }
         let dest = dest_dir.join(format!("{}.wasm", plugin.name));
@@ -249,18 +266,17 @@ fn plugins_target_dir(plugins_dir: &Path) -> PathBuf {
     }
 }
 
-fn build_plugins(plugins_dir: &Path) -> Result<(), String> {
+/// Builds `packages` (all of the workspace when empty) for `target`.
+fn build_plugins(plugins_dir: &Path, target: &str, packages: &[&str]) -> Result<(), String> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let mut command = Command::new(&cargo);
     command
-        .args([
-            "build",
-            "--release",
-            "--target",
-            WASM_TARGET,
-            "--manifest-path",
-        ])
-        .arg(plugins_dir.join("Cargo.toml"))
+        .args(["build", "--release", "--target", target, "--manifest-path"])
+        .arg(plugins_dir.join("Cargo.toml"));
+    for p in packages {
+        command.args(["--package", p]);
+    }
+    command
         .arg("--target-dir")
         .arg(plugins_target_dir(plugins_dir))
         // Cargo reads `.cargo/config.toml` from the current directory up, so
@@ -282,9 +298,9 @@ fn build_plugins(plugins_dir: &Path) -> Result<(), String> {
     if !output.status.success() {
         return Err(format!(
             "building the plugins failed ({}).\n\
-             If the error says the `{WASM_TARGET}` target is missing (\"can't find crate for `core`\", \
-             \"target may not be installed\"), run:\n\n    rustup target add {WASM_TARGET}\n\n\
-             To reproduce: cargo build --release --target {WASM_TARGET} --manifest-path plugins/Cargo.toml\n\n\
+             If the error says the `{target}` target is missing (\"can't find crate for `core`\", \
+             \"target may not be installed\"), run:\n\n    rustup target add {target}\n\n\
+             To reproduce: cargo build --release --target {target} --manifest-path plugins/Cargo.toml\n\n\
              --- nested cargo stderr ---\n{stderr}",
             output.status
         ));

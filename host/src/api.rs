@@ -210,6 +210,11 @@ async fn method_not_allowed() -> ApiFailure {
 // Auth
 // ---------------------------------------------------------------------
 
+/// Most body bytes read from a refused (401) request before answering.
+const UNAUTHORIZED_DRAIN_BYTES: usize = 1 << 20;
+/// Longest time spent reading them.
+const UNAUTHORIZED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let Some(expected) = st.token_hash else {
         return next.run(req).await;
@@ -224,6 +229,15 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
             .map(|t| Sha256::digest(t.trim().as_bytes()));
         let ok = given.is_some_and(|g| bool::from(g.as_slice().ct_eq(&expected)));
         if !ok {
+            // Read (and drop) a modest body before answering: a client still
+            // sending it (a plugin upload, say) would otherwise hit a reset
+            // connection and never see the 401. Bounded in size and time, so
+            // an unauthenticated client cannot make the server read much.
+            let _ = tokio::time::timeout(
+                UNAUTHORIZED_DRAIN_TIME,
+                axum::body::to_bytes(req.into_body(), UNAUTHORIZED_DRAIN_BYTES),
+            )
+            .await;
             let mut r = ApiFailure::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

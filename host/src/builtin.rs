@@ -26,7 +26,8 @@ pub struct BuiltPlugin {
     pub name: &'static str,
     /// Whether it is an example or a test fixture.
     pub kind: PluginRole,
-    /// The component's bytes (a WebAssembly component, not a core module).
+    /// The plugin's bytes: a WebAssembly component, or for the plugins
+    /// `host/build.rs` builds for `wasm32-wasip1` a preview-1 core module.
     pub bytes: &'static [u8],
 }
 

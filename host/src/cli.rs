@@ -147,6 +147,49 @@ pub enum Command {
     /// List plugins (the server's with --server, else the built-in ones), or add one to the
     /// server.
     Plugins(PluginsArgs),
+    /// Run a pipeline manifest (TOML) locally, or submit it to a server as a run.
+    ///
+    /// See docs/pipelines.md for the format. `run` prints each step's output live on stderr
+    /// and a summary table at the end; Ctrl+C aborts the whole pipeline (each running step
+    /// gets its grace, a second Ctrl+C forces them). Exit status: 0 succeeded, 1 failed,
+    /// 130 aborted, 2 a bad manifest (nothing ran).
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    #[command(subcommand)]
+    pub command: PipelineCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelineCommand {
+    /// Run the pipeline in this process (no server).
+    Run(PipelineRunArgs),
+    /// Send the pipeline to the server as a run (POST /v1/runs) and print the run id.
+    Submit(PipelineSubmitArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineRunArgs {
+    /// The manifest (TOML).
+    pub file: PathBuf,
+    /// Where the run's database, uploaded plugins and workspace copy go (default: a new
+    /// directory under $WASMTASK_DATA_DIR/pipelines/).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Let steps share this host directory too (the manifest's own directory always is).
+    #[arg(long = "allow-dir")]
+    pub allow_dirs: Vec<PathBuf>,
+    /// Steps that may run at once.
+    #[arg(long, default_value_t = 8)]
+    pub max_running: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct PipelineSubmitArgs {
+    /// The manifest (TOML). Paths in it are made absolute; the server must allow them.
+    pub file: PathBuf,
 }
 
 /// What a task is asked to do and within which limits: shared by `run` and `submit`.
@@ -174,6 +217,9 @@ pub struct TaskFlags {
     /// Set an environment variable in the guest (nothing is inherited).
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// The guest's working directory (a guest path, e.g. one of --dir's).
+    #[arg(long)]
+    pub cwd: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -516,6 +562,23 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Cancel(args) => cancel(args, output, &remote.client()?).await,
         Command::Abort(args) => abort(args, output, &remote.client()?).await,
         Command::Runs(args) => runs(args, output, &remote.client()?).await,
+        Command::Pipeline(args) => match args.command {
+            PipelineCommand::Run(a) => {
+                crate::pipeline::run_local(
+                    &a.file,
+                    crate::pipeline::LocalOptions {
+                        data_dir: a.data_dir,
+                        allow_dirs: a.allow_dirs,
+                        max_running: a.max_running,
+                    },
+                    output,
+                )
+                .await
+            }
+            PipelineCommand::Submit(a) => {
+                crate::pipeline::submit(&a.file, output, &remote.client()?).await
+            }
+        },
         Command::Plugins(args) => match args.command {
             Some(PluginsCommand::Add(add)) => plugins_add(add, output, &remote.client()?).await,
             Some(PluginsCommand::Ls) | None => match remote.explicit()? {
@@ -625,6 +688,7 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
         env: args.task.env.clone(),
         stdin: None,
         dirs: args.task.dirs.clone(),
+        cwd: args.task.cwd.clone(),
         limits: limits(&args.task),
         grace_ms: args.task.grace.map(millis),
         ..TaskSpec::default()
@@ -1147,6 +1211,7 @@ pub fn task_submit(args: &SubmitArgs) -> Result<TaskSubmit, CliError> {
         env: args.task.env.iter().cloned().collect(),
         stdin: read_stdin_text(&args.stdin)?,
         dirs,
+        cwd: args.task.cwd.clone(),
         limits: limits(&args.task),
         grace_ms: args.task.grace.map(millis),
         locks: args.locks.clone(),
@@ -1456,6 +1521,9 @@ impl FollowPrinter {
 fn follow_line(ev: &Event) -> Option<String> {
     let requeued = ev.data.get("requeued").and_then(Value::as_bool) == Some(true);
     match ev.kind {
+        // A line of the guest's stdout/stderr: the final report prints the
+        // captured output whole (`logs` shows these lines).
+        EventKind::TaskLog if ev.data.get("stream").is_some() => None,
         EventKind::TaskLog => Some(log_text(&ev.data)),
         EventKind::TaskProgress => Some(format!("[progress {}]", progress_text(&ev.data))),
         // The final report covers the end; checkpoints and the first queued

@@ -32,8 +32,8 @@ use ureq::{Agent, AsSendBody, Body};
 
 use crate::db::PluginRow;
 use crate::model::{
-    AbortBody, ApiError, CancelBody, Event, EventKind, RunRecord, RunView, TaskRecord, TaskState,
-    TaskSubmit,
+    AbortBody, ApiError, CancelBody, Event, EventKind, RunRecord, RunSubmit, RunView, TaskRecord,
+    TaskState, TaskSubmit,
 };
 
 /// Time allowed to resolve the server's name and open a connection: 10 s.
@@ -362,6 +362,12 @@ impl Client {
             task: answer.task,
             settled,
         })
+    }
+
+    /// `POST /v1/runs`: creates a run with all its tasks (state `running`).
+    pub fn submit_run(&self, run: &RunSubmit) -> Result<RunView, ClientError> {
+        let resp = self.send_json(Method::POST, "/v1/runs", &[], run, READ_TIMEOUT)?;
+        self.read_json("/v1/runs", resp)
     }
 
     /// `GET /v1/runs/{id}`.

@@ -83,7 +83,7 @@ pub fn request(
                 writable: d.writable,
             })
             .collect(),
-        cwd: None,
+        cwd: spec.cwd.clone(),
         stdout_tee: io.tee.then_some(Tee::Stdout),
         stderr_tee: io.tee.then_some(Tee::Stderr),
     };
@@ -139,6 +139,12 @@ pub fn trail_event(task_id: &str, ev: &GuestEvent) -> NewEvent {
             task_id,
             EventKind::TaskLog,
             json!({"level": "info", "source": "host", "message": "the guest saw the cancel request", "reason": reason}),
+        ),
+        // A line of stdout/stderr is a log record tagged with its stream.
+        GuestEvent::Output { stream, line } => NewEvent::task(
+            task_id,
+            EventKind::TaskLog,
+            json!({"level": if *stream == "stderr" { "warn" } else { "info" }, "source": "guest", "stream": stream, "message": line}),
         ),
         GuestEvent::Dropped { count } => NewEvent::task(
             task_id,

@@ -13,8 +13,10 @@ pub mod db;
 pub mod exec;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod server;
 pub mod service;
+pub mod workspace;
 
 /// The tokio runtime every wasmtask process uses.
 ///

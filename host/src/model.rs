@@ -257,6 +257,9 @@ pub struct TaskSpec {
     pub stdin: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<DirSpec>,
+    /// The guest's working directory (a guest path, e.g. a preopen's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     /// Default grace for cancels that do not name one, in milliseconds.
@@ -509,6 +512,9 @@ pub struct TaskSubmit {
     pub stdin: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dirs: Vec<DirSpec>,
+    /// The guest's working directory (a guest path). Default: none (`/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -532,6 +538,56 @@ pub struct TaskSubmit {
     /// For streamed submissions: what a client disconnect does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_disconnect: Option<OnDisconnect>,
+    /// Run tasks only: how the run's workspace is mounted. Default `ro`
+    /// (when the run has a workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceAccess>,
+}
+
+/// How a step sees its run's workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceAccess {
+    /// Read-only (the default).
+    Ro,
+    /// Read-write.
+    Rw,
+    /// Not mounted.
+    None,
+}
+
+/// When a run's workspace copy is deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceCleanup {
+    /// Whatever the outcome (also when aborted). The default.
+    #[default]
+    Always,
+    /// Only when the run succeeded; kept for inspection otherwise.
+    OnSuccess,
+    /// Never.
+    Never,
+}
+
+/// A run's workspace: a directory its steps share (mounted at `guest`, the
+/// default working directory of steps that mount it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSpec {
+    /// Copy this host directory (absolute, under an allowed directory) into
+    /// a fresh directory owned by the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Or use this host directory (absolute, under an allowed directory) in
+    /// place; it is never deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// Where steps see it. Default `/workspace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+    /// When a copied workspace is deleted. Default `always`.
+    #[serde(default)]
+    pub cleanup: WorkspaceCleanup,
 }
 
 impl TaskSubmit {
@@ -547,6 +603,7 @@ impl TaskSubmit {
                 .collect(),
             stdin: self.stdin.clone(),
             dirs: self.dirs.clone(),
+            cwd: self.cwd.clone(),
             limits: self.limits.clone(),
             grace_ms: self.grace_ms,
             locks: self.locks.clone(),
@@ -567,6 +624,13 @@ pub struct RunSubmit {
     pub fail_fast: bool,
     /// Each with a unique `key`; `needs` name other keys of this run.
     pub tasks: Vec<TaskSubmit>,
+    /// A directory the run's tasks share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceSpec>,
+    /// Abort the run (as failed) when it has not ended after this long, in
+    /// milliseconds. Default: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// `POST /v1/tasks/{id}/cancel` body (every field optional).

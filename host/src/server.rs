@@ -205,6 +205,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
             max_running,
             plugin_dir: data_dir.join("plugins"),
             builtin_fixtures: cfg.builtin_fixtures,
+            workspace_dir: data_dir.join("workspaces"),
         },
     )
     .await

@@ -23,7 +23,8 @@
 //!   terminal state is written.
 //! - Every path that ends a task of a run calls [`Service::run_progress`],
 //!   which finishes the run once all its tasks are terminal, and applies
-//!   `fail_fast`.
+//!   `fail_fast`. Right after the run's final state is committed it applies
+//!   the cleanup policy of the run's workspace (see `workspace.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -45,9 +46,10 @@ use crate::db::{
 use crate::exec::{self, LocalIo};
 use crate::metrics::Metrics;
 use crate::model::{
-    ErrorKind, EventKind, Finish, NewEvent, PluginKind, RunRecord, RunState, RunSubmit, RunView,
-    TaskError, TaskRecord, TaskSpec, TaskState, TaskSubmit, now_millis,
+    DirSpec, ErrorKind, EventKind, Finish, NewEvent, PluginKind, RunRecord, RunState, RunSubmit,
+    RunView, TaskError, TaskRecord, TaskSpec, TaskState, TaskSubmit, WorkspaceAccess, now_millis,
 };
+use crate::workspace::Workspace;
 
 /// Most tasks in one run.
 pub const MAX_RUN_TASKS: usize = 1000;
@@ -76,6 +78,8 @@ pub struct ServiceConfig {
     /// Also register the test fixtures (`spin-loop`, `mem-hog`, …) built
     /// into the binary, not only the examples.
     pub builtin_fixtures: bool,
+    /// Where runs' workspace copies are made (`<workspace_dir>/<run id>`).
+    pub workspace_dir: PathBuf,
 }
 
 /// Why a request to the service failed. The API maps each variant to a
@@ -159,6 +163,11 @@ struct State {
     /// restart) is being delivered by this process, so each is delivered
     /// once. Removed when the run finishes.
     aborting: HashSet<String>,
+    /// Run id → its workspace, until the run ends and the cleanup policy
+    /// has been applied.
+    workspaces: HashMap<String, Workspace>,
+    /// Runs whose end one caller of `run_progress` is committing.
+    finishing: HashSet<String>,
 }
 
 struct Inner {
@@ -172,6 +181,9 @@ struct Inner {
     /// Digest → where its bytes are.
     sources: Mutex<HashMap<String, Source>>,
     wake: Notify,
+    /// Task id → a stdin to give it instead of its spec's (local pipelines
+    /// hand a step this process's stdin). Taken when the task starts.
+    stdin: Mutex<HashMap<String, wasmtask_runtime::Stdin>>,
     /// Stops the dispatcher (shutdown).
     stop: CancellationToken,
     ready: AtomicBool,
@@ -225,6 +237,7 @@ impl Service {
                 compiled: Mutex::new(HashMap::new()),
                 sources: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
+                stdin: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
                 ready: AtomicBool::new(false),
             }),
@@ -543,6 +556,12 @@ impl Service {
                 Some(_) => {}
             }
         }
+        if s.workspace.is_some() {
+            return Err(ServiceError::InvalidSpec(
+                "`workspace` belongs to the tasks of a run that has a workspace (POST /v1/runs)"
+                    .into(),
+            ));
+        }
         let t = self.new_task(s, s.run.clone(), false, now_millis()).await?;
         let record = self.inner.db.insert_task(t).await.map_err(|e| match e {
             DbError::RunNotFound(id) => ServiceError::NotFound(format!("no run {id}")),
@@ -555,6 +574,17 @@ impl Service {
 
     /// Creates a run and queues its tasks, all in one transaction.
     pub async fn submit_run(&self, r: &RunSubmit) -> Result<RunView> {
+        self.submit_run_with_stdin(r, None).await
+    }
+
+    /// [`Service::submit_run`], giving the task with key `stdin.0` this
+    /// process's `stdin.1` as its stdin (local pipelines). It is attached
+    /// before the task can be dispatched, and is not recorded.
+    pub async fn submit_run_with_stdin(
+        &self,
+        r: &RunSubmit,
+        stdin: Option<(String, wasmtask_runtime::Stdin)>,
+    ) -> Result<RunView> {
         self.check_open()?;
         if r.tasks.is_empty() {
             return Err(ServiceError::InvalidSpec(
@@ -574,6 +604,11 @@ impl Service {
             .map(|(i, t)| t.key.clone().unwrap_or_else(|| i.to_string()))
             .collect();
         check_graph(&keys, &r.tasks)?;
+        if r.timeout_ms == Some(0) {
+            return Err(ServiceError::InvalidSpec(
+                "timeout_ms must be positive".into(),
+            ));
+        }
         let run_id = db::new_run_id();
         let now = now_millis();
         let mut tasks = Vec::with_capacity(r.tasks.len());
@@ -583,6 +618,11 @@ impl Service {
                     "task `{key}`: `stream` and `run` are not allowed inside a run"
                 )));
             }
+            if t.workspace.is_some() && r.workspace.is_none() {
+                return Err(ServiceError::InvalidSpec(format!(
+                    "task `{key}`: `workspace` is set but the run has no workspace"
+                )));
+            }
             let mut nt = self
                 .new_task(t, Some(run_id.clone()), true, now)
                 .await
@@ -590,24 +630,125 @@ impl Service {
             nt.spec.key = Some(key.clone());
             tasks.push(nt);
         }
-        let view = self
+        // Everything else is checked: make the workspace (a copy may take a
+        // while; off the async runtime) and mount it in every task that asks.
+        let workspace = match &r.workspace {
+            None => None,
+            Some(spec) => {
+                let (spec, allowed, root, id) = (
+                    spec.clone(),
+                    self.inner.cfg.allowed_dirs.clone(),
+                    self.inner.cfg.workspace_dir.clone(),
+                    run_id.clone(),
+                );
+                let ws = tokio::task::spawn_blocking(move || {
+                    Workspace::prepare(&spec, &allowed, &root, &id)
+                })
+                .await
+                .map_err(|e| ServiceError::Internal(e.into()))?
+                .map_err(|e| match e {
+                    crate::workspace::WorkspaceError::Copy { .. } => {
+                        ServiceError::Internal(e.into())
+                    }
+                    e => ServiceError::InvalidSpec(e.to_string()),
+                })?;
+                Some(ws)
+            }
+        };
+        if let Some(ws) = &workspace {
+            for (nt, t) in tasks.iter_mut().zip(&r.tasks) {
+                let access = t.workspace.unwrap_or(WorkspaceAccess::Ro);
+                if access == WorkspaceAccess::None {
+                    continue;
+                }
+                nt.spec.dirs.push(DirSpec {
+                    host: ws.host.to_string_lossy().into_owned(),
+                    guest: ws.guest.clone(),
+                    writable: access == WorkspaceAccess::Rw,
+                });
+                if nt.spec.cwd.is_none() {
+                    nt.spec.cwd = Some(ws.guest.clone());
+                }
+            }
+            lock(&self.inner.state)
+                .workspaces
+                .insert(run_id.clone(), ws.clone());
+        }
+        let mut attached = None;
+        if let Some((key, input)) = stdin {
+            let Some(t) = tasks
+                .iter()
+                .find(|t| t.spec.key.as_deref() == Some(key.as_str()))
+            else {
+                if let Some(ws) = lock(&self.inner.state).workspaces.remove(&run_id) {
+                    ws.discard();
+                }
+                return Err(ServiceError::InvalidSpec(format!(
+                    "no task `{key}` to give stdin to"
+                )));
+            };
+            lock(&self.inner.stdin).insert(t.id.clone(), input);
+            attached = Some(t.id.clone());
+        }
+        let inserted = self
             .inner
             .db
             .insert_run(
                 NewRun {
-                    id: run_id,
+                    id: run_id.clone(),
                     name: r.name.clone(),
                     fail_fast: r.fail_fast,
                     created_at: now,
                 },
                 tasks,
             )
-            .await?;
+            .await;
+        let view = match inserted {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(ws) = lock(&self.inner.state).workspaces.remove(&run_id) {
+                    ws.discard();
+                }
+                if let Some(id) = attached {
+                    lock(&self.inner.stdin).remove(&id);
+                }
+                return Err(e.into());
+            }
+        };
         for _ in &view.tasks {
             self.inner.metrics.count_submitted();
         }
+        if let Some(ms) = r.timeout_ms {
+            let svc = self.clone();
+            let id = run_id.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = svc.inner.stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {
+                        let c = Cancel {
+                            actor: "timeout".into(),
+                            reason: Some(format!("run timeout: not finished after {ms} ms")),
+                            grace_ms: None,
+                            wait: None,
+                        };
+                        match svc.abort(&id, c).await {
+                            Ok(_) | Err(ServiceError::RunFinished(_)) => {}
+                            Err(e) => tracing::warn!(run = %id, error = %e, "run timeout abort failed"),
+                        }
+                    }
+                }
+            });
+        }
         self.inner.wake.notify_one();
         Ok(view)
+    }
+
+    /// The host directory of a run's workspace while the run lasts.
+    pub fn workspace_of(&self, run_id: &str) -> Option<PathBuf> {
+        lock(&self.inner.state)
+            .workspaces
+            .get(run_id)
+            .map(|w| w.host.clone())
     }
 
     pub async fn get_task(&self, id: &str) -> Result<TaskRecord> {
@@ -884,13 +1025,13 @@ impl Service {
             return Ok(());
         }
         if p.unfinished == 0 {
-            // A fail-fast abort means the run failed; an operator's abort
-            // means it was aborted.
+            // A fail-fast abort (or a run timeout) means the run failed; an
+            // operator's abort means it was aborted.
             let state = if view
                 .run
                 .abort
                 .as_ref()
-                .is_some_and(|a| a.actor == "fail_fast")
+                .is_some_and(|a| a.actor == "fail_fast" || a.actor == "timeout")
             {
                 RunState::Failed
             } else if view.run.abort.is_some() {
@@ -900,11 +1041,26 @@ impl Service {
             } else {
                 RunState::Failed
             };
-            self.inner
-                .db
-                .finish_run(run_id, state, now_millis())
-                .await?;
-            lock(&self.inner.state).aborting.remove(run_id);
+            // The workspace is cleaned up before the run's end is committed,
+            // so whoever sees `run.finished` sees the cleanup done. Only one
+            // caller finishes a run (several task ends may race here).
+            let workspace = {
+                let mut st = lock(&self.inner.state);
+                if !st.finishing.insert(run_id.to_owned()) {
+                    return Ok(());
+                }
+                st.workspaces.remove(run_id)
+            };
+            if let Some(ws) = workspace {
+                self.finish_workspace(run_id, ws, state).await;
+            }
+            let finished = self.inner.db.finish_run(run_id, state, now_millis()).await;
+            {
+                let mut st = lock(&self.inner.state);
+                st.finishing.remove(run_id);
+                st.aborting.remove(run_id);
+            }
+            finished?;
             return Ok(());
         }
         if view.run.state == RunState::Aborting {
@@ -960,6 +1116,42 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// Applies a workspace's cleanup policy after its run ended, and says so
+    /// in the run's trail.
+    async fn finish_workspace(&self, run_id: &str, ws: Workspace, state: RunState) {
+        let host = ws.host.display().to_string();
+        let result = tokio::task::spawn_blocking(move || ws.finish(state)).await;
+        let (message, data) = match result {
+            Ok(Ok(true)) => ("workspace deleted", json!({"path": host, "deleted": true})),
+            Ok(Ok(false)) => ("workspace kept", json!({"path": host, "deleted": false})),
+            Ok(Err(e)) => {
+                tracing::warn!(run = %run_id, path = %host, error = %e, "cannot delete the workspace");
+                (
+                    "workspace could not be deleted",
+                    json!({"path": host, "deleted": false, "error": e.to_string()}),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(run = %run_id, error = %e, "workspace cleanup died");
+                return;
+            }
+        };
+        let mut data = data;
+        data["level"] = json!("info");
+        data["source"] = json!("host");
+        data["message"] = json!(message);
+        let event = NewEvent {
+            task_id: None,
+            run_id: Some(run_id.to_owned()),
+            kind: EventKind::TaskLog,
+            at: now_millis(),
+            data,
+        };
+        if let Err(e) = self.inner.db.append_events(vec![event]).await {
+            tracing::warn!(run = %run_id, error = %e, "cannot record the workspace cleanup");
+        }
     }
 
     // -----------------------------------------------------------------
@@ -1155,14 +1347,12 @@ impl Service {
         let id = &record.id;
         let plugin = self.compiled(&record.plugin_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(exec::EVENT_BUFFER);
-        let request = exec::request(
-            plugin,
-            &record.plugin_name,
-            &record.spec,
-            LocalIo::default(),
-            Some(tx),
-        )
-        .map_err(|e| e.to_string())?;
+        let io = LocalIo {
+            tee: false,
+            stdin: lock(&self.inner.stdin).remove(id),
+        };
+        let request = exec::request(plugin, &record.plugin_name, &record.spec, io, Some(tx))
+            .map_err(|e| e.to_string())?;
         let pump = exec::pump_events(self.inner.db.clone(), id.clone(), rx, None);
         let running = match self.inner.rt.spawn(request) {
             Ok(r) => r,
@@ -1366,6 +1556,10 @@ fn plugin_error(e: LoadError) -> ServiceError {
 /// The kind of a built-in component, read from its exports without
 /// compiling it (commands export `wasi:cli/run`).
 fn component_kind(bytes: &[u8]) -> PluginKind {
+    // A core module (version 1, layer 0) can only be a preview-1 command.
+    if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+        return PluginKind::Command;
+    }
     let needle = b"wasi:cli/run";
     if bytes.windows(needle.len()).any(|w| w == needle)
         && !bytes.windows(13).any(|w| w == b"wasmtask:task")

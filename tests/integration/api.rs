@@ -81,6 +81,7 @@ async fn start_with(token: Option<&str>) -> Api {
             max_running: 16,
             plugin_dir: dir.path().join("plugins"),
             builtin_fixtures: true,
+            workspace_dir: dir.path().join("workspaces"),
         },
     )
     .await

@@ -105,3 +105,87 @@ async fn cpu_burn_computes_what_native_code_computes() {
     req.wasi.args = vec!["nope".into()];
     assert_eq!(run(req).await.end, TaskEnd::Exited(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview1_core_module_runs_as_a_command() {
+    let plugin = crate::support::plugin("p1-command");
+    assert!(plugin.is_core_module());
+    assert_eq!(plugin.kind(), wasmtask_runtime::PluginKind::Command);
+    let mut req = request("p1-command", json!(null));
+    req.wasi.args = vec!["a".into(), "b c".into()];
+    req.wasi.stdin = Stdin::Bytes(b"12345".to_vec());
+    req.wasi.env = vec![("EXIT_CODE".into(), "7".into())];
+    let mut events = crate::support::with_events(&mut req);
+    let report = run(req).await;
+    // Preview 1's proc_exit carries the exact code.
+    assert_eq!(report.end, TaskEnd::Exited(7));
+    let out = String::from_utf8_lossy(&report.stdout.data).into_owned();
+    assert!(
+        out.starts_with("p1 arg: a\np1 arg: b c\np1 stdin: 5 bytes\n"),
+        "{out}"
+    );
+    // Its stdout was streamed line by line, like a component's.
+    let mut lines = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let wasmtask_runtime::GuestEvent::Output { stream, line } = ev {
+            assert_eq!(stream, "stdout");
+            lines.push(line);
+        }
+    }
+    assert_eq!(
+        lines[..3],
+        ["p1 arg: a", "p1 arg: b c", "p1 stdin: 5 bytes"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview1_module_gets_the_same_sandbox_and_cancel() {
+    // A read-only preopen stays read-only.
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = request("p1-command", json!(null));
+    req.wasi.dirs.push(Preopen {
+        host: dir.path().to_path_buf(),
+        guest: "/data".into(),
+        writable: false,
+    });
+    req.wasi.env = vec![("WRITE_TO".into(), "/data/x.txt".into())];
+    let report = run(req).await;
+    assert_eq!(report.end, TaskEnd::Exited(2));
+    assert!(!dir.path().join("x.txt").exists());
+
+    // A spinning core module is stopped by a cancel (epoch trap).
+    let mut req = request("p1-command", json!(null));
+    req.wasi.env = vec![("SPIN".into(), "1".into())];
+    let task = crate::support::spawn(req);
+    task.started().await;
+    task.cancel_handle()
+        .cancel("test", std::time::Duration::ZERO);
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), task.wait())
+        .await
+        .expect("stopped");
+    assert_eq!(report.end, TaskEnd::Cancelled);
+    assert!(report.cancel.unwrap().forced);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_starts_in_its_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.txt"), "one two\n").unwrap();
+    let mut req = request("wc", json!(null));
+    req.wasi.dirs.push(Preopen {
+        host: dir.path().to_path_buf(),
+        guest: "/src".into(),
+        writable: false,
+    });
+    req.wasi.cwd = Some("/src".into());
+    req.wasi.args = vec!["--json".into(), "a.txt".into()];
+    let report = run(req).await;
+    assert_eq!(
+        report.end,
+        TaskEnd::Exited(0),
+        "{}",
+        String::from_utf8_lossy(&report.stderr.data)
+    );
+    let v = json(&report.stdout.data);
+    assert_eq!(v["total"]["words"], 2, "{v}");
+}

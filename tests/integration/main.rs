@@ -19,6 +19,10 @@
 //!   concurrent cancels, SIGTERM drain, auth, uploads, SSE resume, disconnect
 //!   policies, guests blocked in host calls. `server_support` is its harness.
 //! - `client`: the CLI's client commands against a real server.
+//! - `pipeline`: `wasmtask pipeline run` and `submit`: the example pipeline,
+//!   parallel and dependent steps, live output events, fail-fast, Ctrl+C
+//!   aborting spinning/sleeping/stdin-blocked steps, workspace access and
+//!   cleanup, bad manifests refused before anything runs.
 //! - `fixtures`: every plugin in `plugins/` is exercised by some test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -30,6 +34,7 @@ mod client;
 mod commands;
 mod fixtures;
 mod limits;
+mod pipeline;
 mod sandbox;
 mod server;
 mod server_support;

@@ -37,6 +37,7 @@ pub async fn start(dir: &Path, max_running: usize) -> anyhow::Result<Server> {
             allowed_dirs: Vec::new(),
             max_running,
             plugin_dir: dir.join("plugins"),
+            workspace_dir: dir.join("workspaces"),
             builtin_fixtures: true,
         },
     )

@@ -15,6 +15,12 @@
 //!   wasmtime upgrade or a config change never loads a stale artifact.
 //! - A plugin is pre-linked (`InstancePre`) once; instantiation per task then
 //!   only allocates (pooling allocator where the machine allows it).
+//! - A WASI preview-1 *core module* (what `wasm32-wasip1` toolchains emit) is
+//!   a command too: it is compiled as a core `Module`, linked against
+//!   `wasi_snapshot_preview1` only (the task interface is component-only),
+//!   and run by calling its `_start`. It gets the same engine, store type,
+//!   limiter, epoch callback, cancel race and sandbox as a component: the
+//!   preview-1 functions are implemented over the same `WasiCtx`.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -112,7 +118,7 @@ pub enum LoadError {
     #[error("not a WebAssembly file (it does not start with the `\\0asm` magic)")]
     NotWasm,
     #[error(
-        "this is a core WebAssembly module, not a component: build for wasm32-wasip2 (preview-1 modules are not supported yet)"
+        "this core WebAssembly module is not a WASI preview-1 command: it exports no `_start` function (build a binary with `main`, or a component for wasm32-wasip2)"
     )]
     CoreModule,
     #[error("invalid component: {0}")]
@@ -130,11 +136,14 @@ pub enum LoadError {
 pub(crate) enum Prepared {
     Task(TaskPre<StoreData>),
     Command(CommandPre<StoreData>),
+    /// A WASI preview-1 core module, run through its `_start`.
+    Core(wasmtime::InstancePre<StoreData>),
 }
 
 pub(crate) struct PluginInner {
     pub digest: String,
     pub kind: PluginKind,
+    pub core: bool,
     pub size: usize,
     pub plain: Prepared,
     pub fuel: OnceLock<Prepared>,
@@ -167,16 +176,28 @@ impl Plugin {
         self.inner.kind
     }
 
+    /// A WASI preview-1 core module (always a [`PluginKind::Command`]) rather
+    /// than a component.
+    pub fn is_core_module(&self) -> bool {
+        self.inner.core
+    }
+
     /// Size of the component in bytes.
     pub fn size(&self) -> usize {
         self.inner.size
     }
 }
 
+/// An engine's linkers: components, and preview-1 core modules.
+pub(crate) struct Linkers {
+    pub component: Linker<StoreData>,
+    pub core: wasmtime::Linker<StoreData>,
+}
+
 pub(crate) struct EngineSet {
     pub plain: Engine,
-    pub plain_linker: Linker<StoreData>,
-    fuel: OnceLock<Result<(Engine, Linker<StoreData>), String>>,
+    pub plain_linker: Linkers,
+    fuel: OnceLock<Result<(Engine, Linkers), String>>,
     config: RuntimeConfig,
     pooling_used: bool,
 }
@@ -230,11 +251,16 @@ fn engine_config(cfg: &RuntimeConfig, fuel: bool, pooling: bool) -> Config {
     c
 }
 
-fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreData>> {
+fn linker(engine: &Engine) -> wasmtime::Result<Linkers> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     crate::host::Task::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    Ok(linker)
+    let mut core = wasmtime::Linker::new(engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut core, |s: &mut StoreData| &mut s.wasi)?;
+    Ok(Linkers {
+        component: linker,
+        core,
+    })
 }
 
 impl EngineSet {
@@ -266,7 +292,7 @@ impl EngineSet {
         })
     }
 
-    pub fn fuel(&self) -> Result<&(Engine, Linker<StoreData>), LoadError> {
+    pub fn fuel(&self) -> Result<&(Engine, Linkers), LoadError> {
         self.fuel
             .get_or_init(|| {
                 let engine = Engine::new(&engine_config(&self.config, true, self.pooling_used))
@@ -302,6 +328,23 @@ fn classify(component: &Component, engine: &Engine) -> Result<PluginKind, LoadEr
         names.push(name.to_owned());
     }
     Err(LoadError::UnknownExports(names.join(", ")))
+}
+
+/// Pre-links a preview-1 core module; it must export `_start`.
+fn prepare_core(
+    module: &wasmtime::Module,
+    linker: &wasmtime::Linker<StoreData>,
+) -> Result<Prepared, LoadError> {
+    let has_start = module
+        .exports()
+        .any(|e| e.name() == "_start" && matches!(e.ty(), wasmtime::ExternType::Func(_)));
+    if !has_start {
+        return Err(LoadError::CoreModule);
+    }
+    let pre = linker
+        .instantiate_pre(module)
+        .map_err(|e| LoadError::Imports(format!("{e:#}")))?;
+    Ok(Prepared::Core(pre))
 }
 
 fn prepare(
@@ -370,9 +413,6 @@ impl Runtime {
         if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
             return Err(LoadError::NotWasm);
         }
-        if bytes[4..8] == [1, 0, 0, 0] {
-            return Err(LoadError::CoreModule);
-        }
         let digest = format!("sha256:{:x}", Sha256::digest(bytes));
         let slot = Arc::clone(relock(&self.inner.cache).entry(digest.clone()).or_default());
         let mut compiled = relock(&slot);
@@ -394,13 +434,26 @@ impl Runtime {
 
     fn compile_and_link(&self, bytes: &[u8], digest: &str) -> Result<Plugin, LoadError> {
         let engine = &self.inner.engines.plain;
-        let component = self.compile(engine, bytes, digest, false)?;
-        let kind = classify(&component, engine)?;
-        let plain = prepare(&component, kind, &self.inner.engines.plain_linker)?;
+        let core = is_core_module(bytes);
+        let (kind, plain) = if core {
+            let module = compile_core(engine, bytes)?;
+            (
+                PluginKind::Command,
+                prepare_core(&module, &self.inner.engines.plain_linker.core)?,
+            )
+        } else {
+            let component = self.compile(engine, bytes, digest, false)?;
+            let kind = classify(&component, engine)?;
+            (
+                kind,
+                prepare(&component, kind, &self.inner.engines.plain_linker.component)?,
+            )
+        };
         Ok(Plugin {
             inner: Arc::new(PluginInner {
                 digest: digest.to_owned(),
                 kind,
+                core,
                 size: bytes.len(),
                 plain,
                 fuel: OnceLock::new(),
@@ -422,9 +475,15 @@ impl Runtime {
         if let Some(p) = plugin.inner.fuel.get() {
             return Ok(p);
         }
-        let (engine, linker) = self.inner.engines.fuel()?;
-        let component = self.compile(engine, &plugin.inner.bytes, &plugin.inner.digest, true)?;
-        let prepared = prepare(&component, plugin.inner.kind, linker)?;
+        let (engine, linkers) = self.inner.engines.fuel()?;
+        let prepared = if plugin.inner.core {
+            let module = compile_core(engine, &plugin.inner.bytes)?;
+            prepare_core(&module, &linkers.core)?
+        } else {
+            let component =
+                self.compile(engine, &plugin.inner.bytes, &plugin.inner.digest, true)?;
+            prepare(&component, plugin.inner.kind, &linkers.component)?
+        };
         // A racing thread may have set it first; either value is equivalent.
         let _ = plugin.inner.fuel.set(prepared);
         plugin
@@ -474,6 +533,18 @@ impl Runtime {
         }
         Ok(component)
     }
+}
+
+/// A core module has version `1` and layer `0` after the magic; a component
+/// has version `0x0d` and layer `1`.
+fn is_core_module(bytes: &[u8]) -> bool {
+    bytes.get(4..8) == Some(&[1, 0, 0, 0])
+}
+
+/// Compiles a core module. Not cached on disk (unlike components): preview-1
+/// modules are the compatibility path, and a compile is tens of ms.
+fn compile_core(engine: &Engine, bytes: &[u8]) -> Result<wasmtime::Module, LoadError> {
+    wasmtime::Module::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))
 }
 
 /// Locks a mutex whose data stays valid even if a holder panicked (plain

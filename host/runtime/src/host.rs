@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
-use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::{WasiCtxView, WasiView};
 
 use crate::cancel::CancelState;
 use crate::limits::{LimitHit, LimitKind, Limiter};
@@ -69,6 +69,14 @@ pub enum GuestEvent {
     CancelObserved {
         reason: String,
     },
+    /// A line the guest wrote to stdout or stderr (without its `\n`),
+    /// streamed while it runs. Only the first `capture_limit` bytes of each
+    /// stream are streamed (the rest is truncated in the capture too), and a
+    /// line longer than the message cap is cut.
+    Output {
+        stream: &'static str,
+        line: String,
+    },
     /// This many events did not fit in the channel and were dropped.
     Dropped {
         count: u64,
@@ -120,9 +128,13 @@ impl Shared {
 }
 
 /// The `T` of every task's `Store<T>`.
+///
+/// The WASI state is a preview-1 context for every guest: it wraps the same
+/// locked-down `WasiCtx` and resource table a component uses (through
+/// [`WasiView`]) and adds the small preview-1 adapter a core module needs,
+/// so one store type, one limiter and one epoch callback serve both.
 pub struct StoreData {
-    pub(crate) wasi: WasiCtx,
-    pub(crate) table: ResourceTable,
+    pub(crate) wasi: WasiP1Ctx,
     pub(crate) limiter: Limiter,
     pub(crate) cancel: Arc<CancelState>,
     pub(crate) shared: Arc<Shared>,
@@ -134,7 +146,7 @@ pub struct StoreData {
 
 impl StoreData {
     pub(crate) fn new(
-        wasi: WasiCtx,
+        wasi: WasiP1Ctx,
         limiter: Limiter,
         cancel: Arc<CancelState>,
         shared: Arc<Shared>,
@@ -143,7 +155,6 @@ impl StoreData {
     ) -> StoreData {
         StoreData {
             wasi,
-            table: ResourceTable::new(),
             limiter,
             cancel,
             shared,
@@ -156,31 +167,36 @@ impl StoreData {
     }
 
     fn emit(&self, event: GuestEvent) {
-        let Some(tx) = &self.events else { return };
-        let pending = self.shared.dropped.load(Ordering::Relaxed);
-        if pending > 0 {
-            match tx.try_send(GuestEvent::Dropped { count: pending }) {
-                Ok(()) => {
-                    self.shared.dropped.fetch_sub(pending, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+        if let Some(tx) = &self.events {
+            emit_to(tx, &self.shared, event);
+        }
+    }
+}
+
+/// Sends one event without waiting: a full channel counts the event as
+/// dropped, and the count is sent (as [`GuestEvent::Dropped`]) before the
+/// next event that fits.
+pub(crate) fn emit_to(tx: &mpsc::Sender<GuestEvent>, shared: &Shared, event: GuestEvent) {
+    let pending = shared.dropped.load(Ordering::Relaxed);
+    if pending > 0 {
+        match tx.try_send(GuestEvent::Dropped { count: pending }) {
+            Ok(()) => {
+                shared.dropped.fetch_sub(pending, Ordering::Relaxed);
+            }
+            Err(_) => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
             }
         }
-        if tx.try_send(event).is_err() {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+    }
+    if tx.try_send(event).is_err() {
+        shared.dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl WasiView for StoreData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        self.wasi.ctx()
     }
 }
 

@@ -59,6 +59,11 @@ impl Runtime {
                     .await
                     .map_err(|e| format!("{e:?}"))?;
             }
+            Prepared::Core(pre) => {
+                pre.instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+            }
         }
         let took = t0.elapsed();
         drop(store);

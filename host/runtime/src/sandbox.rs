@@ -7,11 +7,22 @@
 //! - **no inherited environment or arguments**: only the spec's `env`/`args`;
 //! - **no filesystem** except the spec's preopened directories, read-only
 //!   unless the spec asks for read-write; `..` cannot climb out of a preopen;
+//! - **working directory**: `cwd` is given to the guest as WASI 0.2's
+//!   `initial-cwd`. wasi-libc (what Rust, C and most toolchains use, on both
+//!   WASI 0.2 and preview 1) ignores it and resolves relative paths against a
+//!   preopen named `.`, so when `cwd` lies inside a preopen, that directory is
+//!   *also* preopened as `.`, with the same permissions. It must resolve (no
+//!   symlink or `..`) to a directory inside that preopen's host directory, so
+//!   it never grants more than the preopen itself;
 //! - **stdin** is empty unless the spec provides bytes or a reader;
 //! - **stdout/stderr** go into bounded [`Capture`] buffers (the first
 //!   `capture_limit` bytes are kept; the rest are counted and flagged as
 //!   truncated), optionally mirrored live to the host's own streams (`wasmtask
-//!   run` does that so a command's output appears as it is produced).
+//!   run` does that so a command's output appears as it is produced), and
+//!   streamed line by line as [`GuestEvent::Output`] events when the task has
+//!   an event channel. Only captured bytes are streamed, so a flood costs at
+//!   most `capture_limit` bytes of events per stream (and the channel is
+//!   bounded besides: what does not fit is counted as dropped).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,9 +32,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
-use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use crate::host::{GuestEvent, Shared, cap_string, emit_to};
 
 /// A host directory shared with the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +106,18 @@ struct CaptureInner {
     data: Vec<u8>,
     limit: usize,
     total: u64,
+    /// Bytes of an unfinished line not yet streamed.
+    line: Vec<u8>,
+}
+
+/// Where a capture streams its lines.
+#[derive(Debug, Clone)]
+pub(crate) struct LineSink {
+    pub stream: &'static str,
+    pub tx: mpsc::Sender<GuestEvent>,
+    pub shared: Arc<Shared>,
+    /// Longest line streamed, in bytes; a longer one is sent in pieces.
+    pub max_line: usize,
 }
 
 /// A bounded, shareable capture of one guest output stream.
@@ -98,6 +125,7 @@ struct CaptureInner {
 pub struct Capture {
     inner: Arc<Mutex<CaptureInner>>,
     tee: Option<Tee>,
+    sink: Option<LineSink>,
 }
 
 impl Capture {
@@ -107,9 +135,17 @@ impl Capture {
                 data: Vec::new(),
                 limit,
                 total: 0,
+                line: Vec::new(),
             })),
             tee,
+            sink: None,
         }
+    }
+
+    /// Also stream every captured line as a [`GuestEvent::Output`].
+    pub(crate) fn with_sink(mut self, sink: Option<LineSink>) -> Capture {
+        self.sink = sink;
+        self
     }
 
     fn push(&self, bytes: &[u8]) {
@@ -118,6 +154,21 @@ impl Capture {
             let room = inner.limit.saturating_sub(inner.data.len());
             let keep = room.min(bytes.len());
             inner.data.extend_from_slice(&bytes[..keep]);
+            if let Some(sink) = &self.sink {
+                let kept = &bytes[..keep];
+                let mut rest = kept;
+                while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                    inner.line.extend_from_slice(&rest[..nl]);
+                    let line = std::mem::take(&mut inner.line);
+                    send_line(sink, &line);
+                    rest = &rest[nl + 1..];
+                }
+                inner.line.extend_from_slice(rest);
+                if inner.line.len() >= sink.max_line {
+                    let line = std::mem::take(&mut inner.line);
+                    send_line(sink, &line);
+                }
+            }
         }
         // A closed terminal or pipe must not fail the guest: mirroring is a
         // convenience, the capture is the record.
@@ -134,6 +185,17 @@ impl Capture {
         }
     }
 
+    /// Streams the last, unfinished line (the guest has stopped).
+    pub(crate) fn finish_stream(&self) {
+        let Some(sink) = &self.sink else { return };
+        if let Ok(mut inner) = self.inner.lock()
+            && !inner.line.is_empty()
+        {
+            let line = std::mem::take(&mut inner.line);
+            send_line(sink, &line);
+        }
+    }
+
     /// A copy of what was kept so far.
     pub fn snapshot(&self) -> Captured {
         match self.inner.lock() {
@@ -145,6 +207,18 @@ impl Capture {
             Err(_) => Captured::default(),
         }
     }
+}
+
+fn send_line(sink: &LineSink, line: &[u8]) {
+    let line = cap_string(String::from_utf8_lossy(line).into_owned(), sink.max_line);
+    emit_to(
+        &sink.tx,
+        &sink.shared,
+        GuestEvent::Output {
+            stream: sink.stream,
+            line,
+        },
+    );
 }
 
 /// How much the guest may hand over in one write (the WASI convention).
@@ -218,13 +292,49 @@ pub enum SandboxError {
     EnvName(String),
 }
 
+/// The preopen (longest guest path) holding guest path `cwd`, and the host
+/// directory `cwd` names inside it; `None` when no preopen holds it.
+fn cwd_preopen<'a>(
+    dirs: &'a [Preopen],
+    cwd: &str,
+) -> Result<Option<(&'a Preopen, PathBuf)>, SandboxError> {
+    let cwd = cwd.trim_end_matches('/');
+    let best = dirs
+        .iter()
+        .filter_map(|d| {
+            let guest = d.guest.trim_end_matches('/');
+            let rest = if cwd == guest {
+                ""
+            } else {
+                cwd.strip_prefix(guest)?.strip_prefix('/')?
+            };
+            Some((d, rest))
+        })
+        .max_by_key(|(d, _)| d.guest.len());
+    let Some((dir, rest)) = best else {
+        return Ok(None);
+    };
+    let bad = |message: String| SandboxError::Preopen {
+        host: dir.host.join(rest).display().to_string(),
+        message,
+    };
+    let root = std::fs::canonicalize(&dir.host).map_err(|e| bad(e.to_string()))?;
+    let host = std::fs::canonicalize(root.join(rest)).map_err(|e| bad(e.to_string()))?;
+    if !host.starts_with(&root) || !host.is_dir() {
+        return Err(bad(
+            "the working directory must be a directory inside its preopen".into(),
+        ));
+    }
+    Ok(Some((dir, host)))
+}
+
 /// Builds the locked-down WASI context. `argv0` is the plugin's name.
 pub(crate) fn build(
     spec: WasiSpec,
     argv0: &str,
     stdout: &Capture,
     stderr: &Capture,
-) -> Result<WasiCtx, SandboxError> {
+) -> Result<WasiP1Ctx, SandboxError> {
     let mut b = WasiCtxBuilder::new();
     b.allow_tcp(false)
         .allow_udp(false)
@@ -269,7 +379,24 @@ pub(crate) fn build(
             })?;
     }
     if let Some(cwd) = &spec.cwd {
+        if cwd.is_empty() || cwd.contains('\0') {
+            return Err(SandboxError::GuestPath(cwd.clone()));
+        }
         b.initial_cwd(cwd);
+        if let Some((dir, host)) = cwd_preopen(&spec.dirs, cwd)? {
+            let perms = if dir.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            b.preopened_dir(&host, ".", perms)
+                .map_err(|e| SandboxError::Preopen {
+                    host: host.display().to_string(),
+                    message: e.to_string(),
+                })?;
+        }
     }
-    Ok(b.build())
+    // The preview-1 context wraps the same `WasiCtx`; components reach it
+    // through `WasiView`, core modules through the preview-1 adapter.
+    Ok(b.build_p1())
 }

@@ -23,7 +23,7 @@ use crate::cancel::{CancelHandle, CancelRequest, CancelState, StopCause};
 use crate::engine::{Plugin, PluginKind, Prepared, Runtime, wt};
 use crate::host::{GuestEvent, GuestTaskError, Shared, StoreData};
 use crate::limits::{LimitHit, LimitKind, Limiter, TaskLimits};
-use crate::sandbox::{self, Capture, Captured, SandboxError, WasiSpec};
+use crate::sandbox::{self, Capture, Captured, LineSink, SandboxError, WasiSpec};
 use crate::scheduler::{Slotted, YieldOnce};
 
 /// Everything needed to run one attempt.
@@ -211,11 +211,19 @@ impl Runtime {
             self.inner.engines.plain.clone()
         };
 
-        let stdout = Capture::new(cfg.capture_limit, req.wasi.stdout_tee);
-        let stderr = Capture::new(cfg.capture_limit, req.wasi.stderr_tee);
+        let shared = Arc::new(Shared::default());
+        let sink = |stream| {
+            req.events.as_ref().map(|tx| LineSink {
+                stream,
+                tx: tx.clone(),
+                shared: Arc::clone(&shared),
+                max_line: cfg.caps.max_message_bytes,
+            })
+        };
+        let stdout = Capture::new(cfg.capture_limit, req.wasi.stdout_tee).with_sink(sink("stdout"));
+        let stderr = Capture::new(cfg.capture_limit, req.wasi.stderr_tee).with_sink(sink("stderr"));
         let wasi = sandbox::build(req.wasi, &req.name, &stdout, &stderr)?;
         let cancel = Arc::new(CancelState::new(engine.clone()));
-        let shared = Arc::new(Shared::default());
         let limiter = Limiter {
             max_memory,
             max_table_elements: cfg.max_table_elements,
@@ -371,6 +379,15 @@ impl Driver {
                         let out = cmd.wasi_cli_run().call_run(&mut *store_ref).await?;
                         Ok(GuestOut::Command(out))
                     }
+                    Prepared::Core(pre) => {
+                        let inst = pre.instantiate_async(&mut *store_ref).await?;
+                        let start = inst.get_typed_func::<(), ()>(&mut *store_ref, "_start")?;
+                        started.send_replace(true);
+                        // Returning from `_start` is exit 0; `proc_exit(n)`
+                        // arrives as an `I32Exit` error (classified below).
+                        start.call_async(&mut *store_ref, ()).await?;
+                        Ok(GuestOut::Command(Ok(())))
+                    }
                 }
             });
             tokio::pin!(guest);
@@ -473,6 +490,8 @@ impl Driver {
         started: Instant,
     ) -> TaskReport {
         self.cancel.mark_finished();
+        self.stdout.finish_stream();
+        self.stderr.finish_stream();
         // Wake anyone waiting for the start: the attempt is over either way.
         self.shared.started.send_replace(true);
         let now = Instant::now();

@@ -277,6 +277,7 @@ async fn insert_then_get_round_trips_every_field() {
             guest: "/ws".into(),
             writable: true,
         }],
+        cwd: Some("/ws".into()),
         limits: Limits {
             timeout_ms: Some(5_000),
             max_memory_bytes: Some(64 << 20),
