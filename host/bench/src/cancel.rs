@@ -49,38 +49,58 @@ pub struct Live {
 
 /// Starts a guest doing `work` and returns once it runs its entry point.
 pub async fn launch(rt: &Runtime, g: &Guests, work: Work) -> anyhow::Result<Live> {
-    let mut wasi = WasiSpec::default();
-    let mut keep = None;
-    let (plugin, input): (&Plugin, &[u8]) = match work {
-        Work::Spin => (&g.spin, b"null"),
-        Work::Sleep => (&g.sleep, br#"{"ms":3600000}"#),
-        Work::Read => {
-            let (w, r) = tokio::io::duplex(64);
-            wasi.stdin = Stdin::Reader(Box::new(r));
-            keep = Some(w);
-            (&g.read, b"null")
-        }
-    };
-    let task = rt.spawn(TaskRequest {
-        plugin: plugin.clone(),
-        name: work.mode().to_owned(),
-        input: input.to_vec(),
-        wasi,
-        limits: TaskLimits::default(),
-        events: None,
-    })?;
-    task.started().await;
-    let cancel = task.cancel_handle();
-    let (tx, done) = oneshot::channel();
-    tokio::spawn(async move {
-        let report = task.wait().await;
-        let _ = tx.send((Instant::now(), report));
-    });
-    Ok(Live {
-        cancel,
-        done,
-        _stdin: keep,
-    })
+    Ok(launch_many(rt, g, work, 1).await?.remove(0))
+}
+
+/// Starts `n` guests doing `work` at once and returns once all of them run
+/// their entry point. (Started one after the other, each would wait for a
+/// CPU slot behind all the spinning guests started before it.)
+pub async fn launch_many(
+    rt: &Runtime,
+    g: &Guests,
+    work: Work,
+    n: usize,
+) -> anyhow::Result<Vec<Live>> {
+    let mut started = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut wasi = WasiSpec::default();
+        let mut keep = None;
+        let (plugin, input): (&Plugin, &[u8]) = match work {
+            Work::Spin => (&g.spin, b"null"),
+            Work::Sleep => (&g.sleep, br#"{"ms":3600000}"#),
+            Work::Read => {
+                let (w, r) = tokio::io::duplex(64);
+                wasi.stdin = Stdin::Reader(Box::new(r));
+                keep = Some(w);
+                (&g.read, b"null")
+            }
+        };
+        let task = rt.spawn(TaskRequest {
+            plugin: plugin.clone(),
+            name: work.mode().to_owned(),
+            input: input.to_vec(),
+            wasi,
+            limits: TaskLimits::default(),
+            events: None,
+        })?;
+        started.push((task, keep));
+    }
+    let mut lives = Vec::with_capacity(n);
+    for (task, keep) in started {
+        task.started().await;
+        let cancel = task.cancel_handle();
+        let (tx, done) = oneshot::channel();
+        tokio::spawn(async move {
+            let report = task.wait().await;
+            let _ = tx.send((Instant::now(), report));
+        });
+        lives.push(Live {
+            cancel,
+            done,
+            _stdin: keep,
+        });
+    }
+    Ok(lives)
 }
 
 /// Cancels `live` with no grace and returns (cancel → `wait()` returned,
@@ -112,12 +132,11 @@ pub async fn measure(
     n: usize,
     samples: usize,
 ) -> anyhow::Result<(Summary, Summary)> {
-    let mut background = Vec::new();
-    if work != Work::Spin {
-        for _ in 0..2 * rt.cpu_slots() {
-            background.push(launch(rt, g, Work::Spin).await?);
-        }
-    }
+    let background = if work == Work::Spin {
+        Vec::new()
+    } else {
+        launch_many(rt, g, Work::Spin, 2 * rt.cpu_slots()).await?
+    };
     let mut outer = Vec::with_capacity(samples);
     let mut inner = Vec::with_capacity(samples);
     if n == 1 {
@@ -129,10 +148,11 @@ pub async fn measure(
             inner.push(r);
         }
     } else {
-        let mut all = Vec::with_capacity(n);
-        for _ in 0..n {
-            all.push(Some(launch(rt, g, work).await?));
-        }
+        let mut all: Vec<Option<Live>> = launch_many(rt, g, work, n)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect();
         let step = (n / samples.max(1)).max(1);
         for (k, i) in (0..n).step_by(step).take(samples).enumerate() {
             tokio::time::sleep(jitter(k)).await;

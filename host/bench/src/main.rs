@@ -278,19 +278,15 @@ fn header(args: &Args) -> anyhow::Result<String> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut md = String::new();
     writeln!(md, "## Results\n")?;
+    let flags: Vec<String> = std::env::args().skip(1).collect();
     writeln!(
         md,
-        "Measured {} with `{}`{}.\n",
+        "Measured {} with `cargo run --release -p wasmtask-bench{}`.\n",
         sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
-        if args.quick {
-            "cargo run --release -p wasmtask-bench -- --quick"
-        } else {
-            "cargo run --release -p wasmtask-bench"
-        },
-        if args.only.is_empty() {
+        if flags.is_empty() {
             String::new()
         } else {
-            format!(" (parts {:?} only)", args.only)
+            format!(" -- {}", flags.join(" "))
         }
     )?;
     writeln!(md, "| | |\n|---|---|")?;

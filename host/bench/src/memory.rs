@@ -11,7 +11,7 @@ use std::time::Duration;
 use wasmtask_runtime::{Runtime, RuntimeConfig};
 
 use crate::Scale;
-use crate::cancel::{Guests, Live, launch, stop_all};
+use crate::cancel::{Guests, Live, launch, launch_many, stop_all};
 use crate::native::Work;
 use crate::stats::count;
 
@@ -51,10 +51,7 @@ pub async fn part6(scale: &Scale) -> anyhow::Result<String> {
         stop_all(vec![w]).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = rss_kib();
-        let mut lives: Vec<Live> = Vec::with_capacity(n);
-        for _ in 0..n {
-            lives.push(launch(&rt, &g, Work::Sleep).await?);
-        }
+        let mut lives: Vec<Live> = launch_many(&rt, &g, Work::Sleep, n).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let parked = rss_kib();
         // One report tells the guest's linear memory size.

@@ -50,6 +50,10 @@ pub fn child(mode: &str) -> ! {
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(b"ready\n");
     let _ = out.flush();
+    // Wait for the go byte: a thousand children are all spawned before any
+    // of them spins (spawning among a thousand spinning processes crawls).
+    let mut go = [0u8; 1];
+    let _ = std::io::stdin().read_exact(&mut go);
     match mode {
         "spin" => {
             let mut x: u64 = 0;
@@ -92,6 +96,14 @@ fn spawn(work: Work) -> anyhow::Result<Child> {
     Ok(child)
 }
 
+/// Lets a ready child start its work.
+fn go(child: &mut Child) -> anyhow::Result<()> {
+    let stdin = child.stdin.as_mut().context("no stdin")?;
+    stdin.write_all(b"g")?;
+    stdin.flush()?;
+    Ok(())
+}
+
 fn signal(child: &Child, sig: libc::c_int) -> anyhow::Result<()> {
     let pid = i32::try_from(child.id()).context("pid")?;
     // SAFETY: signalling our own child, which has not been reaped yet.
@@ -112,7 +124,7 @@ pub fn stop_latency(
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
     let (mut kill, mut term) = (Vec::new(), Vec::new());
     let mut one = |c: &mut Child, i: usize| -> anyhow::Result<()> {
-        let sig = if i % 2 == 0 {
+        let sig = if i.is_multiple_of(2) {
             libc::SIGKILL
         } else {
             libc::SIGTERM
@@ -134,6 +146,7 @@ pub fn stop_latency(
     if n == 1 {
         for i in 0..2 * samples {
             let mut c = spawn(work)?;
+            go(&mut c)?;
             one(&mut c, i)?;
         }
         return Ok((kill, term));
@@ -142,6 +155,9 @@ pub fn stop_latency(
     for _ in 0..n {
         children.push(Some(spawn(work)?));
     }
+    for c in children.iter_mut().flatten() {
+        go(c)?;
+    }
     let picks = (2 * samples).min(n);
     let step = (n / picks.max(1)).max(1);
     for (k, i) in (0..n).step_by(step).take(picks).enumerate() {
@@ -149,8 +165,13 @@ pub fn stop_latency(
             one(&mut c, k)?;
         }
     }
-    for mut c in children.into_iter().flatten() {
+    // Kill every child first, then reap: waiting for each in turn would wait
+    // for every dying process to get the CPU among all those still spinning.
+    let mut rest: Vec<Child> = children.into_iter().flatten().collect();
+    for c in &mut rest {
         let _ = c.kill();
+    }
+    for mut c in rest {
         let _ = c.wait();
     }
     Ok((kill, term))
