@@ -102,6 +102,21 @@ pub(crate) struct Limiter {
 }
 
 impl Limiter {
+    /// A fresh limiter for one store: `max_memory` bytes, the rest from the
+    /// runtime's configuration.
+    pub(crate) fn new(max_memory: u64, cfg: &crate::RuntimeConfig) -> Limiter {
+        Limiter {
+            max_memory,
+            max_table_elements: cfg.max_table_elements,
+            max_instances: cfg.max_instances,
+            max_tables: cfg.max_tables,
+            max_memories: cfg.max_memories,
+            memory_now: 0,
+            peak_memory: 0,
+            hit: None,
+        }
+    }
+
     fn refuse(&mut self, kind: LimitKind, requested: u64, allowed: u64) {
         self.hit.get_or_insert(LimitHit {
             kind,

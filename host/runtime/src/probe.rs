@@ -24,16 +24,7 @@ impl Runtime {
         let stderr = Capture::new(cfg.capture_limit, None);
         let wasi = sandbox::build(WasiSpec::default(), "probe", &stdout, &stderr)
             .map_err(|e| e.to_string())?;
-        let limiter = Limiter {
-            max_memory: cfg.default_max_memory,
-            max_table_elements: cfg.max_table_elements,
-            max_instances: cfg.max_instances,
-            max_tables: cfg.max_tables,
-            max_memories: cfg.max_memories,
-            memory_now: 0,
-            peak_memory: 0,
-            hit: None,
-        };
+        let limiter = Limiter::new(cfg.default_max_memory, cfg);
         let data = StoreData::new(
             wasi,
             limiter,

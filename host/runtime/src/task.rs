@@ -224,16 +224,7 @@ impl Runtime {
         let stderr = Capture::new(cfg.capture_limit, req.wasi.stderr_tee).with_sink(sink("stderr"));
         let wasi = sandbox::build(req.wasi, &req.name, &stdout, &stderr)?;
         let cancel = Arc::new(CancelState::new(engine.clone()));
-        let limiter = Limiter {
-            max_memory,
-            max_table_elements: cfg.max_table_elements,
-            max_instances: cfg.max_instances,
-            max_tables: cfg.max_tables,
-            max_memories: cfg.max_memories,
-            memory_now: 0,
-            peak_memory: 0,
-            hit: None,
-        };
+        let limiter = Limiter::new(max_memory, cfg);
         let started_wall = SystemTime::now();
         let driver = Driver {
             rt: self.clone(),
