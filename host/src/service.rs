@@ -1020,21 +1020,20 @@ impl Service {
         let Some(p) = self.inner.db.run_progress(run_id).await? else {
             return Ok(());
         };
-        let view = &p;
-        if view.run.state.is_terminal() {
+        if p.run.state.is_terminal() {
             return Ok(());
         }
         if p.unfinished == 0 {
             // A fail-fast abort (or a run timeout) means the run failed; an
             // operator's abort means it was aborted.
-            let state = if view
+            let state = if p
                 .run
                 .abort
                 .as_ref()
                 .is_some_and(|a| a.actor == "fail_fast" || a.actor == "timeout")
             {
                 RunState::Failed
-            } else if view.run.abort.is_some() {
+            } else if p.run.abort.is_some() {
                 RunState::Aborted
             } else if p.succeeded == p.total {
                 RunState::Succeeded
@@ -1063,14 +1062,14 @@ impl Service {
             finished?;
             return Ok(());
         }
-        if view.run.state == RunState::Aborting {
+        if p.run.state == RunState::Aborting {
             // An abort that nobody in this process is delivering — one a
             // restart interrupted: finish canceling. Its grace is not kept
             // (nothing of the run is running after a restart: recovery
             // settled those tasks), so each task's own grace applies.
             let first = lock(&self.inner.state).aborting.insert(run_id.to_owned());
             if first {
-                let abort = view.run.abort.clone();
+                let abort = p.run.abort.clone();
                 let svc = self.clone();
                 let run_id = run_id.to_owned();
                 tokio::spawn(async move {
@@ -1085,7 +1084,7 @@ impl Service {
             }
             return Ok(());
         }
-        if view.run.fail_fast
+        if p.run.fail_fast
             && let Some(bad) = &p.first_failure
         {
             let first = lock(&self.inner.state).aborting.insert(run_id.to_owned());

@@ -1,13 +1,12 @@
 //! The real `wasmtask` binary: `run` end to end, signals, exit statuses, the
 //! record in SQLite, `ps`/`show`, and malformed input.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Output, Stdio};
 
 use serde_json::Value;
 
-use crate::support::bin;
+use crate::support::{bin, watch_stderr};
 
 fn run_json(db: &Path, args: &[&str]) -> (Output, Value) {
     let out = bin()
@@ -158,21 +157,8 @@ fn start_run(db: &Path, args: &[&str]) -> (Child, std::thread::JoinHandle<String
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap_or_default();
-            if !sent && line.contains("task started") {
-                let _ = tx.send(());
-                sent = true;
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
+    let (rx, reader) = watch_stderr(&mut child, |line| {
+        line.contains("task started").then(String::new)
     });
     rx.recv_timeout(std::time::Duration::from_secs(120))
         .expect("the task starts");

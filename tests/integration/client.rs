@@ -2,14 +2,13 @@
 //! Ctrl+C while following), `ps`/`show`/`logs` with `--server`, `cancel`,
 //! `runs`/`abort`, `plugins add`/`ls`, and the token.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::server_support::{Server, fixtures_config};
-use crate::support::bin;
+use crate::support::{bin, watch_stderr};
 
 const SECS_60: Duration = Duration::from_secs(60);
 
@@ -121,19 +120,9 @@ fn ctrl_c_while_following_cancels_the_task_on_the_server() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let line = line.unwrap_or_default();
-            if let Some(rest) = line.strip_prefix("wasmtask: submitted ") {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
+    let (rx, reader) = watch_stderr(&mut child, |line| {
+        line.strip_prefix("wasmtask: submitted ")
+            .map(|rest| rest.split_whitespace().next().unwrap_or("").to_owned())
     });
     let id = rx
         .recv_timeout(SECS_60)

@@ -90,3 +90,33 @@ pub fn bin() -> std::process::Command {
         .env("RUST_LIB_BACKTRACE", "0");
     c
 }
+
+/// Reads a child's stderr on a thread: the first line `pick` accepts is sent
+/// on the receiver (what `pick` made of it) the moment it is printed, and the
+/// thread returns the whole text when the stream ends.
+pub fn watch_stderr(
+    child: &mut std::process::Child,
+    pick: impl Fn(&str) -> Option<String> + Send + 'static,
+) -> (
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<String>,
+) {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if !sent && let Some(v) = pick(&line) {
+                let _ = tx.send(v);
+                sent = true;
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    (rx, reader)
+}
