@@ -226,6 +226,10 @@ pub struct Runtime {
     pub(crate) inner: Arc<RuntimeInner>,
 }
 
+/// Bytes of a pool slot's linear memory (and of its tables) kept resident
+/// when a task ends; see `engine_config`.
+const KEEP_RESIDENT: usize = 1 << 20;
+
 fn engine_config(cfg: &RuntimeConfig, fuel: bool, pooling: bool) -> Config {
     let mut c = Config::new();
     c.epoch_interruption(true);
@@ -245,7 +249,18 @@ fn engine_config(cfg: &RuntimeConfig, fuel: bool, pooling: bool) -> Config {
             .total_tables(n.saturating_mul(2))
             .total_stacks(n)
             .max_memory_size(usize::try_from(cfg.memory_ceiling).unwrap_or(usize::MAX))
-            .table_elements(usize::try_from(cfg.max_table_elements).unwrap_or(usize::MAX));
+            .table_elements(usize::try_from(cfg.max_table_elements).unwrap_or(usize::MAX))
+            // A finished task's pool slot is reset in place instead of being
+            // handed back to the kernel: up to this much of its memory and
+            // tables is zeroed (or restored from the image) with memset, and
+            // with PAGEMAP_SCAN (Linux 6.7+) only the pages it dirtied. The
+            // alternative, madvise(DONTNEED) per task, sends a TLB-shootdown
+            // IPI to every worker thread: it was the largest cost of a short
+            // task (profiled in BENCHMARKS.md). Resident memory after a burst
+            // is bounded by what the tasks dirtied, at most this per slot.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         c.allocation_strategy(InstanceAllocationStrategy::Pooling(p));
     }
     c
