@@ -201,10 +201,13 @@ pub struct DbOptions {
     /// process only the writer takes write locks, so this matters when a second
     /// process (e.g. `wasmtask run` beside a server) shares the file.
     pub busy_timeout: Duration,
-    /// Read connections kept open for reuse. Default 4. More concurrent reads
-    /// than this still run: each opens a temporary connection (a few hundred
-    /// microseconds), which is closed afterwards instead of being kept.
-    pub max_idle_readers: usize,
+    /// Read connections, opened on first use and kept for reuse: at most this
+    /// many reads run at once, on blocking threads; further reads wait
+    /// (asynchronously) for a connection. Default 4. A read is a few
+    /// hundred microseconds at most, so waiting is cheaper than what the
+    /// unbounded alternative cost under load: a fresh connection per burst
+    /// read (opening one parses the schema) on a fresh blocking thread.
+    pub readers: usize,
     /// Writes that may wait for the writer before `send` makes callers wait
     /// (backpressure). Default 4096 jobs. At the limit callers await a free
     /// slot; nothing is dropped.
@@ -216,7 +219,7 @@ impl Default for DbOptions {
         DbOptions {
             power_safe: false,
             busy_timeout: Duration::from_secs(5),
-            max_idle_readers: 4,
+            readers: 4,
             write_queue: 4096,
         }
     }
@@ -673,6 +676,20 @@ impl Db {
         self.read(move |conn| tasks::list(conn, &filter)).await
     }
 
+    /// Queued tasks for the dispatcher, oldest first, among the oldest
+    /// `scan`: ids in `skip` are passed over undecoded, and the read stops
+    /// once `want` tasks without locks or needs were found (tasks with
+    /// either are returned too, without counting).
+    pub async fn queued_for_dispatch(
+        &self,
+        scan: usize,
+        want: usize,
+        skip: std::collections::HashSet<String>,
+    ) -> Result<Vec<TaskRecord>> {
+        self.read(move |conn| tasks::queued_for_dispatch(conn, scan, want, &skip))
+            .await
+    }
+
     /// Events with `seq > after_seq`, oldest first, of one task or of all
     /// (`task_id = None`); at most `limit` (capped at [`MAX_EVENTS_PAGE`];
     /// 0 returns nothing). Resume a stream by passing the last `seq` seen.
@@ -734,9 +751,16 @@ impl Db {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
         let readers = self.inner.readers.clone();
-        tokio::task::spawn_blocking(move || readers.with(work))
+        let permit = readers
+            .acquire()
             .await
-            .map_err(|e| DbError::Blocking(e.to_string()))?
+            .map_err(|_| DbError::Blocking("the read pool is closed".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            readers.with(work)
+        })
+        .await
+        .map_err(|e| DbError::Blocking(e.to_string()))?
     }
 }
 

@@ -28,7 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,10 @@ pub const MAX_ATTEMPTS: u32 = 10;
 const DISPATCH_TICK: Duration = Duration::from_millis(500);
 /// Queued tasks the dispatcher considers per pass.
 const DISPATCH_BATCH: usize = 1000;
+/// How long a submission may use a plugin row read earlier. This process's
+/// own uploads clear the cache at once; the bound is for another process
+/// registering a plugin in the same database file.
+const PLUGIN_ROW_TTL: Duration = Duration::from_secs(1);
 
 /// What the service needs to know from the configuration.
 #[derive(Debug, Clone)]
@@ -180,6 +184,12 @@ struct Inner {
     compiled: Mutex<HashMap<String, Plugin>>,
     /// Digest → where its bytes are.
     sources: Mutex<HashMap<String, Source>>,
+    /// Plugin rows as submissions name them (name or id), read at most
+    /// [`PLUGIN_ROW_TTL`] ago; cleared when this process registers a plugin.
+    /// Saves a database read per submission.
+    plugin_rows: Mutex<HashMap<String, (Instant, PluginRow)>>,
+    /// Bumped (under the `plugin_rows` lock) by every registration.
+    plugin_generation: AtomicU64,
     wake: Notify,
     /// Task id → a stdin to give it instead of its spec's (local pipelines
     /// hand a step this process's stdin). Taken when the task starts.
@@ -236,6 +246,8 @@ impl Service {
                 state: Mutex::new(State::default()),
                 compiled: Mutex::new(HashMap::new()),
                 sources: Mutex::new(HashMap::new()),
+                plugin_rows: Mutex::new(HashMap::new()),
+                plugin_generation: AtomicU64::new(0),
                 wake: Notify::new(),
                 stdin: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
@@ -389,6 +401,11 @@ impl Service {
             created_at: now_millis(),
         };
         self.inner.db.upsert_plugin(row.clone()).await?;
+        {
+            let mut cache = lock(&self.inner.plugin_rows);
+            self.inner.plugin_generation.fetch_add(1, Ordering::AcqRel);
+            cache.clear();
+        }
         Ok((row, true))
     }
 
@@ -423,6 +440,29 @@ impl Service {
     // Submission
     // -----------------------------------------------------------------
 
+    /// The plugin a submission names, from the cache when it is fresh.
+    async fn plugin_row(&self, name: &str) -> Result<Option<PluginRow>> {
+        if let Some((at, row)) = lock(&self.inner.plugin_rows).get(name)
+            && at.elapsed() < PLUGIN_ROW_TTL
+        {
+            return Ok(Some(row.clone()));
+        }
+        let generation = self.inner.plugin_generation.load(Ordering::Acquire);
+        let row = self.inner.db.get_plugin(name).await?;
+        if let Some(row) = &row {
+            let mut cache = lock(&self.inner.plugin_rows);
+            // A registration since the read began may have made it stale.
+            if self.inner.plugin_generation.load(Ordering::Acquire) != generation {
+                return Ok(Some(row.clone()));
+            }
+            if cache.len() >= 1024 {
+                cache.clear();
+            }
+            cache.insert(name.to_owned(), (Instant::now(), row.clone()));
+        }
+        Ok(row)
+    }
+
     /// Checks a submission and turns it into a task to insert.
     async fn new_task(
         &self,
@@ -431,7 +471,7 @@ impl Service {
         in_run: bool,
         queued_at: i64,
     ) -> Result<NewTask> {
-        let Some(plugin) = self.inner.db.get_plugin(&s.plugin).await? else {
+        let Some(plugin) = self.plugin_row(&s.plugin).await? else {
             return Err(ServiceError::UnknownPlugin(format!(
                 "no plugin named or with id `{}` (see GET /v1/plugins)",
                 s.plugin
@@ -1174,15 +1214,27 @@ impl Service {
         if self.inner.stop.is_cancelled() {
             return Ok(());
         }
+        // Tasks already being started are still `queued` until their start
+        // commits: pass them over undecoded. Read no more than there is room
+        // for (a pass runs after every submit and every task end, so reading
+        // the whole queue each time would cost O(queue) per task).
+        let (room, skip) = {
+            let st = lock(&self.inner.state);
+            let room = self.inner.cfg.max_running.saturating_sub(st.tasks.len());
+            let skip: HashSet<String> = if room == 0 {
+                HashSet::new()
+            } else {
+                st.tasks.keys().cloned().collect()
+            };
+            (room, skip)
+        };
+        if room == 0 {
+            return Ok(());
+        }
         let queued = self
             .inner
             .db
-            .list_tasks(TaskFilter {
-                state: Some(TaskState::Queued),
-                limit: Some(DISPATCH_BATCH),
-                oldest_first: true,
-                ..TaskFilter::default()
-            })
+            .queued_for_dispatch(DISPATCH_BATCH, room, skip)
             .await?;
         // Runs' task states, read once per pass.
         let mut runs: HashMap<String, Option<RunView>> = HashMap::new();

@@ -212,11 +212,16 @@ pub async fn cancel_under_load(
 /// Part 5b: `total` trivial tasks submitted over HTTP by `threads` clients
 /// at once; tasks/s from the first submit to the last terminal state
 /// committed (succeeded, as the final check asserts).
-pub async fn throughput(dir: &Path, total: usize, threads: usize) -> anyhow::Result<f64> {
+pub async fn throughput(
+    dir: &Path,
+    total: usize,
+    threads: usize,
+) -> anyhow::Result<(f64, crate::throughput::Writes)> {
     let s = start(dir, 1000).await?;
     // Warm the compile cache, so compilation is not part of the figure.
     let warm = submit_many(&s.base, hello(), 1).await?;
     wait_count(&s.base, "succeeded", warm.len(), Duration::from_secs(120)).await?;
+    let before = s.svc.db().write_stats();
     let t0 = Instant::now();
     let per = total / threads.max(1);
     let mut joins = Vec::new();
@@ -229,8 +234,9 @@ pub async fn throughput(dir: &Path, total: usize, threads: usize) -> anyhow::Res
     let want = per * threads.max(1) + warm.len();
     wait_until_succeeded(&s, want).await?;
     let rate = (want - warm.len()) as f64 / t0.elapsed().as_secs_f64();
+    let writes = crate::throughput::Writes::since(s.svc.db(), &before);
     s.stop().await;
-    Ok(rate)
+    Ok((rate, writes))
 }
 
 fn hello() -> Value {
@@ -258,6 +264,6 @@ pub async fn wait_until_succeeded(s: &Server, want: usize) -> anyhow::Result<()>
         if Instant::now() > deadline {
             bail!("only {succeeded} of {want} trivial tasks succeeded: {counts:?}");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

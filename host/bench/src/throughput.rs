@@ -56,7 +56,31 @@ fn check(end: TaskEnd) -> anyhow::Result<()> {
     }
 }
 
-async fn service(n: usize) -> anyhow::Result<f64> {
+/// Group commit as the writer saw it during a measurement.
+pub struct Writes {
+    pub jobs: u64,
+    pub batches: u64,
+}
+
+impl Writes {
+    pub fn since(db: &wasmtask::db::Db, before: &wasmtask::db::WriteStats) -> Writes {
+        let now = db.write_stats();
+        Writes {
+            jobs: now.jobs - before.jobs,
+            batches: now.batches - before.batches,
+        }
+    }
+
+    fn describe(&self, tasks: usize) -> String {
+        format!(
+            "{:.1} writes per task, {:.1} writes per transaction",
+            self.jobs as f64 / tasks.max(1) as f64,
+            self.jobs as f64 / self.batches.max(1) as f64
+        )
+    }
+}
+
+async fn service(n: usize) -> anyhow::Result<(f64, Writes)> {
     let dir = tempfile::tempdir()?;
     let s = crate::http::start(dir.path(), 1000).await?;
     let submit: TaskSubmit =
@@ -64,6 +88,7 @@ async fn service(n: usize) -> anyhow::Result<f64> {
     // Warm the compile cache.
     s.svc.submit(&submit).await?;
     crate::http::wait_until_succeeded(&s, 1).await?;
+    let before = s.svc.db().write_stats();
     let t0 = Instant::now();
     let gate = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut set = tokio::task::JoinSet::new();
@@ -84,16 +109,18 @@ async fn service(n: usize) -> anyhow::Result<f64> {
     }
     crate::http::wait_until_succeeded(&s, n + 1).await?;
     let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let writes = Writes::since(s.svc.db(), &before);
     s.stop().await;
-    Ok(rate)
+    Ok((rate, writes))
 }
 
 pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
     let threads = 8;
     let api = runtime_api(scale.trivial).await?;
-    let svc = service(scale.trivial_http.max(scale.trivial / 3)).await?;
+    let svc_n = scale.trivial_http.max(scale.trivial / 3);
+    let (svc, svc_writes) = service(svc_n).await?;
     let dir = tempfile::tempdir()?;
-    let http = crate::http::throughput(dir.path(), scale.trivial_http, threads).await?;
+    let (http, http_writes) = crate::http::throughput(dir.path(), scale.trivial_http, threads).await?;
     let procs = scale.processes;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let native =
@@ -126,5 +153,11 @@ pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
             rate / native.max(1e-9)
         )?;
     }
+    writeln!(
+        md,
+        "\nGroup commit (SQLite writer): task service {}; HTTP {}.",
+        svc_writes.describe(svc_n),
+        http_writes.describe(scale.trivial_http)
+    )?;
     Ok(md)
 }

@@ -249,6 +249,44 @@ pub(super) fn list(conn: &Connection, filter: &TaskFilter) -> Result<Vec<TaskRec
     Ok(page)
 }
 
+/// Queued tasks for the dispatcher, oldest first, among the oldest `scan`:
+/// rows whose id is in `skip` (already being started) are passed over
+/// without being decoded, and the scan stops once `want` of the tasks
+/// returned have neither locks nor needs (those could not be held back).
+/// Tasks with locks or needs are returned too but do not count: they may
+/// wait, and must not hide the runnable tasks behind them.
+pub(super) fn queued_for_dispatch(
+    conn: &Connection,
+    scan: usize,
+    want: usize,
+    skip: &std::collections::HashSet<String>,
+) -> Result<Vec<TaskRecord>> {
+    let mut out = Vec::new();
+    if want == 0 || scan == 0 {
+        return Ok(out);
+    }
+    let mut statement = conn.prepare_cached(&format!(
+        "{SELECT_TASK} WHERE t.state = 'queued' ORDER BY t.queued_at ASC, t.id ASC LIMIT ?1"
+    ))?;
+    let mut rows = statement.query([i64::try_from(scan).unwrap_or(i64::MAX)])?;
+    let mut free = 0;
+    while let Some(row) = rows.next()? {
+        let id: String = row.get("id")?;
+        if skip.contains(&id) {
+            continue;
+        }
+        let task = task_from_row(row)?;
+        if task.spec.locks.is_empty() && task.spec.needs.is_empty() {
+            free += 1;
+        }
+        out.push(task);
+        if free >= want {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// Every task of a run, by `queued_at` and then insertion order (`rowid`:
 /// tasks inserted together, e.g. by one `insert_run`, often share a
 /// millisecond, and their ids need not sort as they were given).
