@@ -70,6 +70,7 @@
 //! Dropping the future of a write after it was queued does not undo the
 //! write: the job still runs and commits; only the reply is lost.
 
+mod checkpoint;
 mod events;
 mod ids;
 mod plugins;
@@ -422,6 +423,8 @@ struct Inner {
     last_seq: Arc<watch::Sender<i64>>,
     readers: Arc<readers::Readers>,
     path: PathBuf,
+    /// Dropping it stops the checkpointer thread.
+    _checkpointer: std::sync::mpsc::Sender<()>,
 }
 
 impl std::fmt::Debug for Db {
@@ -454,6 +457,7 @@ impl Db {
                 }
                 let mut conn = schema::open_writer(&path, &options)?;
                 schema::migrate(&mut conn)?;
+                schema::disable_autocheckpoint(&conn)?;
                 let last_seq = writer::max_event_seq(&conn)?;
                 Ok((conn, last_seq))
             })
@@ -470,8 +474,10 @@ impl Db {
             last_seq.clone(),
         )?;
         let readers = Arc::new(readers::Readers::new(path.clone(), &options));
+        let checkpointer = checkpoint::spawn(path.clone(), &options)?;
         Ok(Db {
             inner: Arc::new(Inner {
+                _checkpointer: checkpointer,
                 writer: sender,
                 stats,
                 last_seq,
@@ -628,6 +634,21 @@ impl Db {
             .await
     }
 
+    /// [`Db::request_cancel`] in two steps: when this returns, the job is in
+    /// the writer's queue, so every write queued after it (such as the task's
+    /// own end) is decided after it; the returned future gives the decision
+    /// once it is committed. This lets a caller stop the guest while the
+    /// record commits.
+    pub async fn enqueue_cancel(
+        &self,
+        id: &str,
+        req: CancelRequest,
+    ) -> Result<impl std::future::Future<Output = Result<CancelDecision>> + use<>> {
+        let id = id.to_owned();
+        self.enqueue(move |conn| tasks::request_cancel(conn, &id, &req))
+            .await
+    }
+
     /// Ends a task, deciding the race with a cancel in one transaction:
     ///
     /// - a terminal task is returned unchanged (idempotent);
@@ -735,13 +756,26 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
+        self.enqueue(work).await?.await
+    }
+
+    /// Puts `work` in the writer's queue; the future resolves once it is
+    /// committed.
+    async fn enqueue<T, F>(
+        &self,
+        work: F,
+    ) -> Result<impl std::future::Future<Output = Result<T>> + use<T, F>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
         let (reply, response) = oneshot::channel();
         self.inner
             .writer
             .send(writer::job(work, reply))
             .await
             .map_err(|_| DbError::WriterStopped)?;
-        response.await.map_err(|_| DbError::WriterStopped)?
+        Ok(async move { response.await.map_err(|_| DbError::WriterStopped)? })
     }
 
     /// Runs `work` on a pooled read connection on a blocking thread.

@@ -18,32 +18,25 @@ pub mod server;
 pub mod service;
 pub mod workspace;
 
-/// The tokio runtime every wasmtask process uses.
+/// The tokio runtime every wasmtask process uses: the API, the task service,
+/// timers and I/O. It never executes wasm: guests run on the runtime's guest
+/// pool, threads of their own at a lower OS priority (see the runtime's
+/// `scheduler.rs`), so these workers are free whenever there is API work,
+/// and the kernel gives them a CPU ahead of the guests.
 ///
-/// Guests share the workers with everything else (see the runtime's
-/// `scheduler.rs`), so the workers must notice I/O (a cancel request, an API
-/// call) quickly even while guests keep them busy: busy workers poll the I/O
-/// driver every `event_interval` polls (tokio's default, 61, measured 40–150 ms
-/// of HTTP latency under guest load here) and the global queue every
-/// `global_queue_interval` polls. A time-sliced guest's poll lasts up to one
-/// epoch tick and a yielding guest is not polled again until it has a CPU
-/// slot, so under load nearly every poll is a guest's slice: both are checked
-/// after every poll, which costs a non-blocking `epoll_wait` per poll.
+/// Its workers check for I/O and for wakes from other threads (the database
+/// writer's replies, guest threads' reports) after every poll rather than
+/// every 61 or 31 polls: polls here are short, and a reply should not wait
+/// behind a batch of them.
 ///
-/// There is one worker more than there are CPUs, and guests get only as many
-/// CPU slots as there are CPUs (`RuntimeConfig::cpu_slots`): however many
-/// guests are busy, one worker is never inside a guest, so it is there to
-/// take API requests, cancels and database replies off the busy workers'
-/// queues (work stealing) instead of them waiting behind guest time slices.
-///
-/// `WASMTASK_WORKER_THREADS` overrides the worker count (default: CPUs + 1).
+/// `WASMTASK_WORKER_THREADS` overrides the worker count (default: one per CPU).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let workers = std::env::var("WASMTASK_WORKER_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(cpus + 1);
+        .unwrap_or(cpus);
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

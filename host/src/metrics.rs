@@ -278,7 +278,7 @@ impl Metrics {
         header(
             &mut out,
             "wasmtask_tasks_waiting_for_cpu",
-            "Running tasks parked waiting for a CPU slot.",
+            "Running tasks ready to execute and waiting for a guest thread.",
             "gauge",
         );
         let _ = writeln!(out, "wasmtask_tasks_waiting_for_cpu {waiting_for_cpu}");

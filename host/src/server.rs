@@ -78,6 +78,8 @@ pub struct ShutdownConfig {
 pub struct RuntimeSection {
     /// Guests executing wasm at once (default: the number of CPUs).
     pub cpu_slots: Option<usize>,
+    /// `nice` value of the guest threads, 0–19 (default 10).
+    pub guest_nice: Option<i32>,
     /// Epoch tick in milliseconds (default 2).
     pub epoch_tick_ms: Option<u64>,
     /// Memory cap of tasks that name none (default 256 MiB).
@@ -172,6 +174,13 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         cache_dir: Some(data_dir.join("cache")),
         max_concurrent: max_running,
         cpu_slots: cfg.runtime.cpu_slots,
+        guest_nice: match cfg.runtime.guest_nice {
+            Some(n) if !(0..=19).contains(&n) => {
+                return Err(usage(format!("runtime.guest_nice: {n} is not between 0 and 19")));
+            }
+            Some(n) => n,
+            None => defaults.guest_nice,
+        },
         epoch_tick: cfg
             .runtime
             .epoch_tick_ms

@@ -74,7 +74,7 @@ pub struct ServiceConfig {
     /// Host directories (canonical) under which tasks may preopen `dirs`.
     /// Empty: no task may share a host directory.
     pub allowed_dirs: Vec<PathBuf>,
-    /// Tasks started (running or waiting for a CPU slot) at once; more stay
+    /// Tasks started (running or waiting for a guest thread) at once; more stay
     /// `queued`.
     pub max_running: usize,
     /// Where uploaded components are kept (`<digest>.wasm`).
@@ -154,9 +154,14 @@ struct Entry {
     handle: Option<CancelHandle>,
     /// A cancel that arrived before the handle existed: (reason, grace).
     pending: Option<(String, Duration)>,
-    /// Flips to `true` once the final state is committed.
-    done: watch::Sender<bool>,
+    /// Set once the task ended here: with its final record as committed
+    /// (`None` inside when it ended without one, e.g. not startable).
+    done: watch::Sender<Option<Ended>>,
 }
+
+/// How a task left this process (see [`Entry::done`]).
+#[derive(Clone)]
+struct Ended(Option<Arc<TaskRecord>>);
 
 #[derive(Default)]
 struct State {
@@ -284,7 +289,7 @@ impl Service {
         lock(&self.inner.state).tasks.len()
     }
 
-    /// Guests waiting for a CPU slot.
+    /// Guests ready to execute and waiting for a guest thread.
     pub fn waiting_for_cpu(&self) -> usize {
         self.inner.rt.waiting_for_cpu()
     }
@@ -846,10 +851,13 @@ impl Service {
             .clone()
             .filter(|r| !r.trim().is_empty())
             .unwrap_or_else(|| format!("canceled by {}", c.actor));
-        let decision = self
+        // Queue the cancel record, then deliver at once: the guest stops while
+        // the record commits. The task's own end is written after the record
+        // (it is queued behind it), so the race is still decided by the record.
+        let decided = self
             .inner
             .db
-            .request_cancel(
+            .enqueue_cancel(
                 id,
                 CancelRequest {
                     actor: c.actor.clone(),
@@ -859,6 +867,33 @@ impl Service {
                 },
             )
             .await?;
+        // A handle keeps the earliest deadline and the first reason, so
+        // delivering this request is the same as delivering the record's.
+        let done_rx = {
+            let mut st = lock(&self.inner.state);
+            match st.tasks.get_mut(id) {
+                Some(entry) => {
+                    let grace = Duration::from_millis(grace_ms);
+                    match &entry.handle {
+                        Some(h) => {
+                            h.cancel(reason.clone(), grace);
+                        }
+                        None => {
+                            let keep = match &entry.pending {
+                                Some((_, g)) => grace < *g,
+                                None => true,
+                            };
+                            if keep {
+                                entry.pending = Some((reason.clone(), grace));
+                            }
+                        }
+                    }
+                    Some(entry.done.subscribe())
+                }
+                None => None,
+            }
+        };
+        let decision = decided.await?;
         self.inner.metrics.count_cancel();
         let record = match decision {
             CancelDecision::NotFound => {
@@ -878,42 +913,6 @@ impl Service {
                 });
             }
             CancelDecision::Requested { record, .. } => record,
-        };
-        // Deliver. The stored grace is the smallest asked so far.
-        let grace = Duration::from_millis(
-            record
-                .cancel
-                .as_ref()
-                .map(|c| c.grace_ms)
-                .unwrap_or(grace_ms),
-        );
-        let reason = record
-            .cancel
-            .as_ref()
-            .map(|c| c.reason.clone())
-            .unwrap_or(reason);
-        let done_rx = {
-            let mut st = lock(&self.inner.state);
-            match st.tasks.get_mut(id) {
-                Some(entry) => {
-                    match &entry.handle {
-                        Some(h) => {
-                            h.cancel(reason, grace);
-                        }
-                        None => {
-                            let keep = match &entry.pending {
-                                Some((_, g)) => grace < *g,
-                                None => true,
-                            };
-                            if keep {
-                                entry.pending = Some((reason, grace));
-                            }
-                        }
-                    }
-                    Some(entry.done.subscribe())
-                }
-                None => None,
-            }
         };
         let Some(mut done_rx) = done_rx else {
             // Not running here. It may just have ended (then the record says
@@ -941,8 +940,14 @@ impl Service {
             });
         };
         if let Some(wait) = c.wait.filter(|w| !w.is_zero()) {
-            let _ = tokio::time::timeout(wait, done_rx.wait_for(|d| *d)).await;
-            let now = self.get_task(id).await?;
+            let ended = tokio::time::timeout(wait, done_rx.wait_for(|d| d.is_some()))
+                .await
+                .ok()
+                .and_then(|r| r.ok().and_then(|d| d.clone()));
+            let now = match ended {
+                Some(Ended(Some(record))) => (*record).clone(),
+                _ => self.get_task(id).await?,
+            };
             let done = now.state.is_terminal();
             return Ok(CancelResult { task: now, done });
         }
@@ -1276,7 +1281,7 @@ impl Service {
                 }
             }
             // Take the locks and a place in the map, or leave it queued.
-            let (done_tx, _) = watch::channel(false);
+            let (done_tx, _) = watch::channel(None);
             {
                 let mut st = lock(&self.inner.state);
                 if st.tasks.contains_key(&task.id) {
@@ -1331,9 +1336,27 @@ impl Service {
             tracing::debug!(task = %id, "locks released after the task ended");
         }
         if let Some(e) = entry {
-            e.done.send_replace(true);
+            e.done.send_if_modified(|d| {
+                let first = d.is_none();
+                if first {
+                    *d = Some(Ended(None));
+                }
+                first
+            });
         }
         self.inner.wake.notify_one();
+    }
+
+    /// Tells whoever waits for this task's end (a cancel with `wait_ms`) as
+    /// soon as its final state is committed, with the record.
+    fn announce_end(&self, record: &TaskRecord) {
+        let st = lock(&self.inner.state);
+        if let Some(e) = st.tasks.get(&record.id)
+            && e.done.receiver_count() > 0
+        {
+            e.done
+                .send_replace(Some(Ended(Some(Arc::new(record.clone())))));
+        }
     }
 
     async fn execute_inner(self, task: TaskRecord) -> Result<()> {
@@ -1382,6 +1405,7 @@ impl Service {
                 self.inner.db.finish(&id, start_failed(message)).await?
             }
         };
+        self.announce_end(&final_record);
         self.inner.metrics.observe_task_duration(started.elapsed());
         tracing::info!(state = %final_record.state, "task ended");
         if let Some(run_id) = &final_record.run_id {

@@ -54,7 +54,7 @@ pub async fn launch(rt: &Runtime, g: &Guests, work: Work) -> anyhow::Result<Live
 
 /// Starts `n` guests doing `work` at once and returns once all of them run
 /// their entry point. (Started one after the other, each would wait for a
-/// CPU slot behind all the spinning guests started before it.)
+/// guest thread behind all the spinning guests started before it.)
 pub async fn launch_many(
     rt: &Runtime,
     g: &Guests,

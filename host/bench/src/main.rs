@@ -507,7 +507,7 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
         ("native Rust (same source, opt-level 3)", 0),
         ("wasm, no interruption", 1),
         ("wasm, epoch interruption (2 ms tick, yield per tick)", 2),
-        ("**wasmtask as shipped** (epochs + CPU slots)", 3),
+        ("**wasmtask as shipped** (epochs + guest pool)", 3),
         ("wasmtask with fuel metering (+ epochs)", 4),
     ] {
         let mut medians = Vec::new();

@@ -5,7 +5,7 @@
 //! included below) in this process. "wasm, no interruption" and "wasm,
 //! epochs" use an engine built here with the product's settings except the
 //! interruption knob; the wasmtask rows go through `Runtime::spawn` as
-//! every task does (epochs plus CPU slots, and with fuel on the metered
+//! every task does (epochs plus the guest pool, and with fuel on the metered
 //! engine). Each figure is the median of a few runs; every run's checksum
 //! is compared with the native one.
 

@@ -20,20 +20,21 @@
 //!    - a guest *executing wasm* reaches an epoch check within microseconds
 //!      (the bump makes every running store's deadline due at once); its
 //!      callback sees `forced` and traps. Other stores see the same bump, find
-//!      nothing for them, and merely yield their CPU slot once: a cancel never
+//!      nothing for them, and merely yield their thread once: a cancel never
 //!      traps a neighbour;
 //!    - a guest *blocked in a host or WASI call* (sleep, stdin, poll) never
 //!      reaches an epoch check, so the driver races the guest's call future
 //!      against the `hard` token and drops the call future, which makes
 //!      wasmtime unwind the guest's fiber;
-//!    - a guest *parked waiting for a CPU slot* is not in tokio's run queue at
-//!      all (see `scheduler.rs`); the `hard` token wakes its driver directly,
-//!      which drops it without waiting for its turn.
+//!    - a guest *waiting in the guest pool's run queue* (time-sliced out) is
+//!      moved to its front: the driver waits on the `hard` token through an
+//!      urgent waker (see `scheduler.rs`), so the next free guest thread runs
+//!      the driver, which drops the guest without running any more of it.
 //! 4. The driver drops the store (never reused) and measures request → stop.
 //!
 //! Timeouts take the same path as a forced cancel, with [`StopCause::Timeout`].
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -83,6 +84,9 @@ pub struct CancelState {
     finished: AtomicBool,
     hard: CancellationToken,
     changed: Notify,
+    /// The task's flag on the guest pool: set by the waker of whatever
+    /// stops or re-arms it, so that its driver runs ahead of the queue.
+    urgent: Arc<AtomicBool>,
     engine: wasmtime::Engine,
 }
 
@@ -96,6 +100,7 @@ impl CancelState {
             finished: AtomicBool::new(false),
             hard: CancellationToken::new(),
             changed: Notify::new(),
+            urgent: Arc::new(AtomicBool::new(false)),
             engine,
         }
     }
@@ -127,6 +132,10 @@ impl CancelState {
 
     pub(crate) fn cause(&self) -> Option<StopCause> {
         self.cause.lock().map(|c| *c).unwrap_or(None)
+    }
+
+    pub(crate) fn urgent(&self) -> &Arc<AtomicBool> {
+        &self.urgent
     }
 
     pub(crate) fn hard_token(&self) -> &CancellationToken {

@@ -36,19 +36,23 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::host::{GuestCaps, StoreData, TaskPre};
-use crate::scheduler::Slots;
+use crate::scheduler::GuestPool;
 
 /// Every knob of the runtime, with its default.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
     /// How often the ticker advances the epoch. This is the time slice: a
-    /// running guest yields its CPU slot at least this often, and a timeout is
+    /// running guest yields its guest thread at least this often, and a timeout is
     /// noticed within it. Default 2 ms.
     pub epoch_tick: Duration,
-    /// Guests that may execute wasm at the same time. Default: the number of
-    /// CPUs (one per tokio worker). More only adds contention; fewer leaves
-    /// cores to the API.
+    /// Guests that may execute wasm at the same time: the threads of the
+    /// guest pool (see `scheduler.rs`). Default: the number of CPUs. More
+    /// only adds contention; fewer leaves cores to the rest of the process.
     pub cpu_slots: Option<usize>,
+    /// The `nice` value of the guest threads (0–19; 0 leaves them at the
+    /// process's priority). The API, timers and the database then preempt
+    /// guests at once instead of waiting for a time slice. Default 10.
+    pub guest_nice: i32,
     /// Tasks that may be instantiated at once (running or parked). Further
     /// tasks wait for admission (still cancellable). Also sizes the pooling
     /// allocator. Default 1,000.
@@ -86,6 +90,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             epoch_tick: Duration::from_millis(2),
             cpu_slots: None,
+            guest_nice: 10,
             max_concurrent: 1000,
             pooling: true,
             default_max_memory: 256 << 20,
@@ -205,7 +210,7 @@ pub(crate) struct EngineSet {
 pub(crate) struct RuntimeInner {
     pub engines: EngineSet,
     pub config: RuntimeConfig,
-    pub slots: Arc<Slots>,
+    pub pool: GuestPool,
     pub admission: Arc<Semaphore>,
     /// Digest → its compiled plugin, behind a per-digest lock so that a
     /// burst of first uses compiles once (the others wait for it) instead of
@@ -220,7 +225,7 @@ impl Drop for RuntimeInner {
     }
 }
 
-/// The wasm runtime: engines, ticker, plugin cache, CPU slots. Cheap to clone.
+/// The wasm runtime: engines, ticker, plugin cache, guest pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Runtime {
     pub(crate) inner: Arc<RuntimeInner>,
@@ -390,8 +395,9 @@ impl Runtime {
                 .unwrap_or(2)
         });
         let stop_ticker = Arc::new(AtomicBool::new(false));
+        let pool = GuestPool::new(slots, config.guest_nice.clamp(0, 19))?;
         let inner = Arc::new(RuntimeInner {
-            slots: Arc::new(Slots::new(slots)),
+            pool,
             admission: Arc::new(Semaphore::new(config.max_concurrent.max(1))),
             engines,
             cache: Mutex::new(HashMap::new()),
@@ -406,14 +412,14 @@ impl Runtime {
         &self.inner.config
     }
 
-    /// CPU slots guests share (see `scheduler.rs`).
+    /// Threads that execute guests (see `scheduler.rs`).
     pub fn cpu_slots(&self) -> usize {
-        self.inner.slots.total()
+        self.inner.pool.threads()
     }
 
-    /// Guests currently parked waiting for a CPU slot.
+    /// Guests ready to run and waiting for a guest thread right now.
     pub fn waiting_for_cpu(&self) -> usize {
-        self.inner.slots.waiting()
+        self.inner.pool.waiting()
     }
 
     /// Whether the pooling allocator is in use.

@@ -1,11 +1,13 @@
 //! Running one task attempt: the driver future and its report.
 //!
 //! [`Runtime::spawn`] builds the sandbox and the cancel state, then spawns a
-//! *driver* on the current tokio runtime. The driver
+//! *driver* on the guest pool (`scheduler.rs`), inside the caller's tokio
+//! runtime. The driver
 //! 1. waits for admission (bounded by `max_concurrent`; cancellable),
 //! 2. creates a fresh `Store` (never reused after the attempt),
-//! 3. instantiates and calls the guest inside a [`Slotted`] future, racing it
-//!    against the cancel token, the grace deadline and the timeout,
+//! 3. instantiates and calls the guest, racing it against the cancel token,
+//!    the grace deadline and the timeout (each wrapped in [`Urgent`], so that
+//!    any of them firing puts the driver at the front of the run queue),
 //! 4. drops the guest future (unwinding a blocked fiber) and the store, and
 //! 5. returns a [`TaskReport`] that says exactly what happened.
 //!
@@ -24,7 +26,7 @@ use crate::engine::{Plugin, PluginKind, Prepared, Runtime, wt};
 use crate::host::{GuestEvent, GuestTaskError, Shared, StoreData};
 use crate::limits::{LimitHit, LimitKind, Limiter, TaskLimits};
 use crate::sandbox::{self, Capture, Captured, LineSink, SandboxError, WasiSpec};
-use crate::scheduler::{Slotted, YieldOnce};
+use crate::scheduler::{Urgent, YieldOnce};
 
 /// Everything needed to run one attempt.
 #[derive(Debug)]
@@ -131,7 +133,7 @@ pub struct TaskReport {
 pub struct RunningTask {
     cancel: CancelHandle,
     shared: Arc<Shared>,
-    join: tokio::task::JoinHandle<TaskReport>,
+    report: tokio::sync::oneshot::Receiver<TaskReport>,
     started_wall: SystemTime,
 }
 
@@ -155,12 +157,14 @@ impl RunningTask {
     /// Waits for the attempt to end. Never fails: a driver that died is
     /// reported as [`TaskEnd::StartFailed`] with the reason.
     pub async fn wait(self) -> TaskReport {
-        match self.join.await {
+        match self.report.await {
             Ok(r) => r,
-            Err(e) => {
+            Err(_) => {
                 let now = SystemTime::now();
                 TaskReport {
-                    end: TaskEnd::StartFailed(format!("task driver died: {e}")),
+                    end: TaskEnd::StartFailed(
+                        "task driver died without a report (it panicked)".into(),
+                    ),
                     cancel: None,
                     checkpoint: self.shared.checkpoint(),
                     progress: self.shared.progress(),
@@ -247,11 +251,17 @@ impl Runtime {
             req.events,
             cfg.caps,
         );
-        let join = handle.spawn(driver.run(data));
+        let (tx, report) = tokio::sync::oneshot::channel();
+        self.inner
+            .pool
+            .spawn(handle, Arc::clone(cancel.urgent()), async move {
+                // The caller may have stopped waiting; the report is then moot.
+                let _ = tx.send(driver.run(data).await);
+            });
         Ok(RunningTask {
             cancel: CancelHandle { state: cancel },
             shared,
-            join,
+            report,
             started_wall,
         })
     }
@@ -282,9 +292,10 @@ impl Driver {
         data.deadline = deadline;
 
         // Admission: bounded concurrency (and pool slots). Cancellable.
+        let urgent = self.cancel.urgent();
         let permit = tokio::select! {
             biased;
-            _ = self.cancel.hard_token().cancelled() => None,
+            _ = Urgent::new(urgent, self.cancel.hard_token().cancelled()) => None,
             p = Arc::clone(&self.rt.inner.admission).acquire_owned() => p.ok(),
         };
         let Some(_permit) = permit else {
@@ -304,8 +315,8 @@ impl Driver {
                 data.cancel.force(StopCause::Timeout);
                 return Err(wasmtime::Error::new(Stopped(StopCause::Timeout)));
             }
-            // Give up the CPU slot for one poll: the next waiter runs, the
-            // worker gets back to the scheduler (I/O, API requests).
+            // End this poll: the guest goes to the back of the pool's run
+            // queue and its thread takes the next guest (time slicing).
             Ok(UpdateDeadline::YieldCustom(
                 1,
                 Box::pin(YieldOnce::default()),
@@ -356,7 +367,7 @@ impl Driver {
             let store_ref = &mut store;
             let input = &self.input;
             let started = &self.shared.started;
-            let guest = Slotted::new(Arc::clone(&self.rt.inner.slots), async move {
+            let guest = async move {
                 match prepared {
                     Prepared::Task(pre) => {
                         let inst = pre.instantiate_async(&mut *store_ref).await?;
@@ -380,18 +391,21 @@ impl Driver {
                         Ok(GuestOut::Command(Ok(())))
                     }
                 }
-            });
+            };
             tokio::pin!(guest);
+            let urgent = self.cancel.urgent();
             loop {
                 let grace = self.cancel.grace_deadline();
+                let grace_at = grace.map(Into::into).unwrap_or_else(far_future);
+                let deadline_at = deadline.map(Into::into).unwrap_or_else(far_future);
                 tokio::select! {
                     biased;
-                    _ = self.cancel.hard_token().cancelled() => break Race::Stopped,
-                    _ = self.cancel.changed() => continue,
-                    _ = tokio::time::sleep_until(grace.map(Into::into).unwrap_or_else(far_future)), if grace.is_some() => {
+                    _ = Urgent::new(urgent, self.cancel.hard_token().cancelled()) => break Race::Stopped,
+                    _ = Urgent::new(urgent, self.cancel.changed()) => continue,
+                    _ = Urgent::new(urgent, tokio::time::sleep_until(grace_at)), if grace.is_some() => {
                         self.cancel.force(StopCause::Cancel);
                     }
-                    _ = tokio::time::sleep_until(deadline.map(Into::into).unwrap_or_else(far_future)), if deadline.is_some() => {
+                    _ = Urgent::new(urgent, tokio::time::sleep_until(deadline_at)), if deadline.is_some() => {
                         self.cancel.force(StopCause::Timeout);
                     }
                     r = &mut guest => break Race::Finished(r),

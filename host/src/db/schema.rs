@@ -227,6 +227,27 @@ pub(super) fn open_writer(path: &Path, options: &DbOptions) -> Result<Connection
     Ok(conn)
 }
 
+/// The writer's connection, with automatic checkpoints off: the
+/// checkpointer thread does them (see `checkpoint.rs`).
+pub(super) fn disable_autocheckpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_autocheckpoint = 0", [], |_| Ok(()))
+}
+
+/// The checkpointer's connection (read-write: a checkpoint writes the
+/// database file).
+pub(super) fn open_checkpointer(path: &Path, options: &DbOptions) -> Result<Connection> {
+    let open_err = |source| DbError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(options.busy_timeout).map_err(open_err)?;
+    let synchronous = if options.power_safe { "FULL" } else { "NORMAL" };
+    conn.pragma_update(None, "synchronous", synchronous)
+        .map_err(open_err)?;
+    Ok(conn)
+}
+
 /// Opens a read-only connection. Read-only at the SQLite level, so a read
 /// path can never write by mistake.
 pub(super) fn open_reader(path: &Path, options: &DbOptions) -> Result<Connection> {
