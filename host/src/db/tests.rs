@@ -1965,3 +1965,37 @@ async fn run_progress_counts_and_finds_the_first_failure() {
     assert_eq!((p.unfinished, p.succeeded), (0, 1));
     assert_eq!(p.first_failure.map(|f| f.task_id), Some(c.id));
 }
+
+/// Commits reach the database file through the checkpointer thread: the
+/// writer's connection never checkpoints (automatic checkpoints are off on
+/// it), and a few rows would not reach SQLite's own 1,000-page threshold.
+#[tokio::test]
+async fn the_checkpointer_copies_commits_into_the_database_file() {
+    let (dir, db) = open_temp().await;
+    let path = dir.path().join("nested/data/wasmtask.db");
+    let plugin = add_plugin(&db, "echo").await;
+    // Let any checkpoint of the schema settle, then measure.
+    tokio::time::sleep(super::checkpoint::INTERVAL * 3).await;
+    let before = std::fs::metadata(&path).unwrap().len();
+    for _ in 0..200 {
+        queued(&db, &plugin).await;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = std::fs::metadata(&path).unwrap().len();
+        if now > before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {before} bytes: nothing was checkpointed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // And the writer's connection has automatic checkpoints off.
+    let auto: i64 = db
+        .write(|conn| Ok(conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?))
+        .await
+        .unwrap();
+    assert_eq!(auto, 0);
+}
