@@ -1538,8 +1538,9 @@ fn follow_line(ev: &Event) -> Option<String> {
     }
 }
 
-/// One event in a line of words, from the data the server records with it.
-fn event_summary(ev: &Event) -> String {
+/// One event in a line of words, from the data the server records with it
+/// (also the dashboard's event trail).
+pub(crate) fn event_summary(ev: &Event) -> String {
     let d = &ev.data;
     let text = |k: &str| d.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
     let num = |k: &str| d.get(k).and_then(Value::as_u64);

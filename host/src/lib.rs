@@ -9,6 +9,7 @@ pub mod api;
 pub mod builtin;
 pub mod cli;
 pub mod client;
+pub mod dashboard;
 pub mod db;
 pub mod exec;
 pub mod metrics;
