@@ -100,12 +100,40 @@
       }
       if (!r.ok) return;
       const html = await r.text();
-      if (html) tbody.insertAdjacentHTML('beforeend', html);
+      if (html) appendRows(tbody, html);
       const last = r.headers.get('x-wasmtask-last-seq');
       if (last) tbody.dataset.after = last;
       while (tbody.rows.length > MAX_TRAIL_ROWS) tbody.deleteRow(0);
       if (r.headers.get('x-wasmtask-more') !== 'true') return;
     }
+  }
+
+  // Appends server-rendered rows; a folded progress row that continues the
+  // last one on the page (same task) replaces it, adding up the counts.
+  function appendRows(tbody, html) {
+    const tpl = document.createElement('template');
+    tpl.innerHTML = '<table><tbody>' + html + '</tbody></table>';
+    tpl.content.querySelectorAll('tr').forEach((row) => {
+      const prev = tbody.rows[tbody.rows.length - 1];
+      const a = prev && prev.querySelector('.fold');
+      const b = row.querySelector('.fold');
+      if (a && b && taskOf(prev) === taskOf(row)) {
+        const p = Number(a.dataset.progress) + Number(b.dataset.progress);
+        const c = Number(a.dataset.checkpoints) + Number(b.dataset.checkpoints);
+        b.dataset.progress = p;
+        b.dataset.checkpoints = c;
+        b.textContent = '(' + p + ' progress report(s), ' + c + ' checkpoint(s))';
+        prev.replaceWith(row);
+      } else {
+        tbody.appendChild(row);
+      }
+    });
+  }
+
+  // The task a trail row is about ('' on a task's own page).
+  function taskOf(row) {
+    const link = row.querySelector('td a.id');
+    return link ? link.textContent : '';
   }
 
   // ------------------------------------------------------------------

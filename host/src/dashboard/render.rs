@@ -241,9 +241,9 @@ pub fn task_table(h: &mut Html, tasks: &[TaskRecord], cols: Columns, now: i64, e
     if cols.key {
         h.raw("<th>key</th>");
     }
-    h.raw("<th>task</th><th>plugin</th><th>state</th><th>progress</th><th>queued</th><th>time</th>");
+    h.raw("<th>task</th><th>plugin</th><th>state</th><th>progress</th><th class=\"wide\">queued</th><th>time</th>");
     if cols.run {
-        h.raw("<th>run</th>");
+        h.raw("<th class=\"wide\">run</th>");
     }
     h.raw("<th>note</th></tr></thead><tbody>");
     for t in tasks {
@@ -264,11 +264,11 @@ pub fn task_table(h: &mut Html, tasks: &[TaskRecord], cols: Columns, now: i64, e
         state_badge(h, t.state.as_str());
         h.raw("</td><td>");
         progress_el(h, t);
-        h.raw("</td><td>");
+        h.raw("</td><td class=\"wide\">");
         time_el(h, Some(t.queued_at));
         h.fmt(format_args!("</td><td>{}</td>", Esc(&elapsed(t, now))));
         if cols.run {
-            h.raw("<td>");
+            h.raw("<td class=\"wide\">");
             if let Some(r) = &t.run_id {
                 run_link(h, r, None);
             }
@@ -523,7 +523,7 @@ fn run_table(h: &mut Html, runs: &[RunRecord], empty: &str) {
         return;
     }
     h.raw("<div class=\"scroll\"><table class=\"runs\"><thead><tr><th>run</th><th>state</th>\
-           <th>created</th><th>finished</th><th>note</th></tr></thead><tbody>");
+           <th>created</th><th class=\"wide\">finished</th><th>note</th></tr></thead><tbody>");
     for r in runs {
         h.fmt(format_args!(
             "<tr data-run=\"{}\" data-state=\"{}\"><td>",
@@ -535,7 +535,7 @@ fn run_table(h: &mut Html, runs: &[RunRecord], empty: &str) {
         state_badge(h, r.state.as_str());
         h.raw("</td><td>");
         time_el(h, Some(r.created_at));
-        h.raw("</td><td>");
+        h.raw("</td><td class=\"wide\">");
         time_el(h, r.finished_at);
         h.raw("</td><td class=\"note\">");
         if let Some(a) = &r.abort {
@@ -627,7 +627,7 @@ pub fn run_detail(v: &RunView, now: i64) -> String {
             s.as_str().replace('_', " ")
         ));
     }
-    h.raw("</dd></dl>");
+    h.raw("</dd></dl><h2>Tasks</h2>");
     task_table(
         &mut h,
         &v.tasks,
@@ -866,12 +866,20 @@ pub fn trail_rows(events: &[Event], with_task: bool) -> String {
         }
         h.fmt(format_args!("<td class=\"kind\">{kind}</td><td class=\"summary\">"));
         h.text(&crate::cli::event_summary(shown));
-        if group.len() > 1 {
+        if noisy(e) {
+            // The script folds a live row into the one before it, adding
+            // these counts (data-progress, data-checkpoints).
             let progress = group.iter().filter(|x| x.kind == EventKind::TaskProgress).count();
             let checkpoints = group.len() - progress;
             h.fmt(format_args!(
-                " <span class=\"muted\">({progress} progress report(s), {checkpoints} checkpoint(s))</span>"
+                " <span class=\"muted fold\" data-progress=\"{progress}\" data-checkpoints=\"{checkpoints}\">"
             ));
+            if group.len() > 1 {
+                h.fmt(format_args!(
+                    "({progress} progress report(s), {checkpoints} checkpoint(s))"
+                ));
+            }
+            h.raw("</span>");
         }
         h.raw("</td></tr>");
         i = j;
