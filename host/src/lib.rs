@@ -15,6 +15,7 @@ pub mod exec;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod progress;
 pub mod server;
 pub mod service;
 pub mod workspace;
