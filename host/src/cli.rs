@@ -45,11 +45,11 @@ use wasmtask_runtime::{GuestEvent, Runtime, RuntimeConfig, Stdin};
 use crate::client::{Client, ClientError, EVENTS_PAGE, EventSource, Followed, TaskQuery};
 use crate::db::{self, CancelDecision, Db, NewTask, PluginRow, StartDecision, TaskFilter};
 use crate::exec::{self, LocalIo};
-use crate::progress::{Board, Lines};
 use crate::model::{
     ApiError, CancelBody, DirSpec, Event, EventKind, Limits, RunView, TaskRecord, TaskSpec,
     TaskState, TaskSubmit, now_millis,
 };
+use crate::progress::{Board, Lines};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -1459,7 +1459,10 @@ impl Canceller {
                     "wasmtask: cannot cancel task {id}: {}",
                     CliError::from(e).message()
                 )),
-                Err(e) => say(format!("wasmtask: cannot cancel task {id}: {}", e.message())),
+                Err(e) => say(format!(
+                    "wasmtask: cannot cancel task {id}: {}",
+                    e.message()
+                )),
             }
         });
         true

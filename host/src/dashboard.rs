@@ -111,7 +111,10 @@ fn version() -> &'static str {
         for a in [APP_JS, STYLE_CSS, FAVICON_SVG] {
             h.update(a.as_bytes());
         }
-        h.finalize()[..6].iter().map(|b| format!("{b:02x}")).collect()
+        h.finalize()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     })
 }
 
@@ -128,7 +131,10 @@ fn secure(headers: &mut HeaderMap) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
 }
 
@@ -191,7 +197,9 @@ fn page_failure(d: &Dash, f: Failure) -> Response {
 
 fn fragment_failure(f: Failure) -> Response {
     let mut h = html::Html::new();
-    h.raw("<p class=\"error\" role=\"alert\">").text(&f.message).raw("</p>");
+    h.raw("<p class=\"error\" role=\"alert\">")
+        .text(&f.message)
+        .raw("</p>");
     html(f.status, h.into_string())
 }
 
@@ -257,9 +265,7 @@ async fn overview_page(State(d): State<Dash>) -> Response {
     match overview_data(&d).await {
         Ok(o) => {
             let mut body = String::from("<h1>Overview</h1>");
-            body.push_str(
-                "<div id=\"live\" data-fragment=\"/ui/fragments/overview\">",
-            );
+            body.push_str("<div id=\"live\" data-fragment=\"/ui/fragments/overview\">");
             body.push_str(&render::overview(&o));
             body.push_str("</div>");
             let page = Page {
@@ -445,7 +451,10 @@ async fn tasks_fragment(
 
 /// The reason of a `task.cancel_failed` newer than the task's last cancel
 /// request, when one is pending (only then does it matter).
-async fn undelivered_cancel(d: &Dash, t: &crate::model::TaskRecord) -> Result<Option<String>, Failure> {
+async fn undelivered_cancel(
+    d: &Dash,
+    t: &crate::model::TaskRecord,
+) -> Result<Option<String>, Failure> {
     if t.cancel.is_none() || t.state.is_terminal() {
         return Ok(None);
     }
@@ -496,7 +505,9 @@ async fn task_page(State(d): State<Dash>, Path(id): Path<String>) -> Response {
         events.last().map_or(0, |e| e.seq)
     };
     let mut h = html::Html::new();
-    h.raw("<h1>Task <span class=\"id\">").text(&t.id).raw("</span></h1>");
+    h.raw("<h1>Task <span class=\"id\">")
+        .text(&t.id)
+        .raw("</span></h1>");
     h.raw(&render::task_actions(&t));
     h.fmt(format_args!(
         "<div id=\"live\" data-fragment=\"/ui/fragments/tasks/{}\">",
@@ -670,7 +681,9 @@ async fn run_page(State(d): State<Dash>, Path(id): Path<String>) -> Response {
         events.last().map_or(0, |e| e.seq)
     };
     let mut h = html::Html::new();
-    h.raw("<h1>Run <span class=\"id\">").text(&v.run.id).raw("</span>");
+    h.raw("<h1>Run <span class=\"id\">")
+        .text(&v.run.id)
+        .raw("</span>");
     if let Some(n) = v.run.name.as_deref().filter(|n| !n.is_empty()) {
         h.raw(" <span class=\"muted\">").text(n).raw("</span>");
     }
@@ -749,14 +762,19 @@ async fn changes(State(d): State<Dash>) -> impl IntoResponse {
                 }
             }
             let seq = *watch.borrow_and_update();
-            let ev = SseEvent::default()
-                .event("change")
-                .data(seq.to_string());
-            Some((Ok::<_, std::convert::Infallible>(ev), (watch, stopping, false)))
+            let ev = SseEvent::default().event("change").data(seq.to_string());
+            Some((
+                Ok::<_, std::convert::Infallible>(ev),
+                (watch, stopping, false),
+            ))
         },
     );
     let mut r = Sse::new(stream)
-        .keep_alive(KeepAlive::new().interval(crate::api::KEEP_ALIVE).text("keep-alive"))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(crate::api::KEEP_ALIVE)
+                .text("keep-alive"),
+        )
         .into_response();
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -777,7 +795,10 @@ fn asset(
     body: &'static str,
     q: Result<Query<AssetQuery>, QueryRejection>,
 ) -> Response {
-    let current = q.ok().and_then(|Query(q)| q.v).is_some_and(|v| v == version());
+    let current = q
+        .ok()
+        .and_then(|Query(q)| q.v)
+        .is_some_and(|v| v == version());
     let mut r = body.into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

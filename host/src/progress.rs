@@ -93,7 +93,11 @@ impl Board {
             EventKind::TaskProgress => {
                 if let Some(bar) = self.bar(task, label) {
                     let f = d.get("fraction").and_then(Value::as_f64).unwrap_or(0.0);
-                    let f = if f.is_finite() { f.clamp(0.0, 1.0) } else { 0.0 };
+                    let f = if f.is_finite() {
+                        f.clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    };
                     bar.set_position((f * SCALE as f64).round() as u64);
                     let msg = d.get("message").and_then(Value::as_str).unwrap_or("");
                     bar.set_message(one_line(msg));
@@ -208,7 +212,10 @@ mod tests {
         assert_eq!(bar.message(), "step 3");
         assert_eq!(bar.prefix(), "build");
         b.event(
-            &ev(EventKind::TaskCancelRequested, serde_json::json!({"reason": "enough"})),
+            &ev(
+                EventKind::TaskCancelRequested,
+                serde_json::json!({"reason": "enough"}),
+            ),
             "build",
         );
         assert_eq!(b.bars["t_1"].0.message(), "stopping: enough");
@@ -225,7 +232,10 @@ mod tests {
             b.event(&e, &i.to_string());
         }
         assert_eq!(b.bars.len(), MAX_BARS);
-        let mut e = ev(EventKind::TaskProgress, serde_json::json!({"fraction": f64::NAN}));
+        let mut e = ev(
+            EventKind::TaskProgress,
+            serde_json::json!({"fraction": f64::NAN}),
+        );
         e.task_id = Some("t_0".into());
         b.event(&e, "0");
         assert_eq!(b.bars["t_0"].0.position(), 0);

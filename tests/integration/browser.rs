@@ -28,7 +28,11 @@ static ONE_BROWSER: Mutex<()> = Mutex::new(());
 
 fn find_program(name: &str) -> PathBuf {
     let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect::<Vec<_>>())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
         .unwrap_or_default();
     on_path
         .into_iter()
@@ -280,7 +284,11 @@ impl Browser {
             Some(&json!({"cmd": "Page.captureScreenshot",
                          "params": {"format": "png", "captureBeyondViewport": true}})),
         );
-        let png = base64_decode(v["data"].as_str().unwrap_or_else(|| panic!("no screenshot in {v}")));
+        let png = base64_decode(
+            v["data"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no screenshot in {v}")),
+        );
         assert!(png.starts_with(b"\x89PNG"), "not a PNG screenshot");
         std::fs::write(path, png).unwrap();
     }
@@ -314,7 +322,10 @@ impl Browser {
             .iter()
             .filter(|(_, msg)| !expected.iter().any(|x| msg.contains(x)))
             .collect();
-        assert!(unexpected.is_empty(), "the page logged errors: {unexpected:#?}");
+        assert!(
+            unexpected.is_empty(),
+            "the page logged errors: {unexpected:#?}"
+        );
         for x in expected {
             let n = errors.iter().filter(|(_, msg)| msg.contains(x)).count();
             assert_eq!(n, 1, "expected one logged error with `{x}`: {errors:#?}");
@@ -347,7 +358,10 @@ fn base64_decode(s: &str) -> Vec<u8> {
             _ => panic!("not base64: {c}"),
         }
     };
-    let clean: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
     let mut out = Vec::with_capacity(clean.len() * 3 / 4);
     for chunk in clean.chunks(4) {
         let mut n = 0u32;

@@ -147,7 +147,10 @@ impl Dash {
         let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
             .await
             .unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn submit(&self, body: Value) -> String {
@@ -184,7 +187,9 @@ fn assert_only_own_scripts(uri: &str, body: &str) {
         .map(|(i, _)| &body[i..(i + 40).min(body.len())])
         .collect();
     assert!(
-        scripts.iter().all(|s| s.starts_with("<script src=\"/ui/app.js?v=")),
+        scripts
+            .iter()
+            .all(|s| s.starts_with("<script src=\"/ui/app.js?v=")),
         "{uri} has foreign script tags: {scripts:?}"
     );
     assert!(!lower.contains("<img"), "{uri} has unescaped guest markup");
@@ -219,11 +224,17 @@ async fn every_page_and_fragment_answers_html() {
     assert!(o.contains("data-stream=\"/ui/events\""), "{o}");
     assert!(o.contains("data-count=\"succeeded\">1<"), "{o}");
     assert!(o.contains("data-count=\"running\">1<"), "{o}");
-    assert!(o.contains(&format!("data-task=\"{a}\" data-state=\"running\"")), "{o}");
+    assert!(
+        o.contains(&format!("data-task=\"{a}\" data-state=\"running\"")),
+        "{o}"
+    );
     assert!(o.contains(&format!("href=\"/runs/{run_id}\"")), "{o}");
     assert!(o.contains("nightly"), "{o}");
     let f = d.page("/ui/fragments/overview").await;
-    assert!(f.contains("data-count=\"running\">1<") && !f.contains("<html"), "{f}");
+    assert!(
+        f.contains("data-count=\"running\">1<") && !f.contains("<html"),
+        "{f}"
+    );
 
     // The task list and its filters.
     let l = d.page("/tasks").await;
@@ -236,7 +247,9 @@ async fn every_page_and_fragment_answers_html() {
     assert!(!l.contains(&format!("data-task=\"{a}\"")), "{l}");
     assert!(l.contains("<option value=\"succeeded\" selected>"), "{l}");
     assert!(
-        l.contains("data-fragment=\"/ui/fragments/tasks?state=succeeded&amp;plugin=hello&amp;limit=20\""),
+        l.contains(
+            "data-fragment=\"/ui/fragments/tasks?state=succeeded&amp;plugin=hello&amp;limit=20\""
+        ),
         "{l}"
     );
     let l = d.page(&format!("/ui/fragments/tasks?run={run_id}")).await;
@@ -245,25 +258,49 @@ async fn every_page_and_fragment_answers_html() {
 
     // A task: record, actions, trail, live stream.
     let t = d.page(&format!("/tasks/{done}")).await;
-    assert!(t.contains("data-state=\"succeeded\" data-terminal=\"true\""), "{t}");
-    assert!(t.contains("id=\"cancel-btn\" class=\"danger\" disabled"), "{t}");
+    assert!(
+        t.contains("data-state=\"succeeded\" data-terminal=\"true\""),
+        "{t}"
+    );
+    assert!(
+        t.contains("id=\"cancel-btn\" class=\"danger\" disabled"),
+        "{t}"
+    );
     assert!(t.contains("data-kind=\"task.succeeded\""), "{t}");
-    assert!(!t.contains("data-stream="), "a finished task has nothing to follow: {t}");
+    assert!(
+        !t.contains("data-stream="),
+        "a finished task has nothing to follow: {t}"
+    );
     let t = d.page(&format!("/tasks/{a}")).await;
-    assert!(t.contains("data-state=\"running\" data-terminal=\"false\""), "{t}");
+    assert!(
+        t.contains("data-state=\"running\" data-terminal=\"false\""),
+        "{t}"
+    );
     assert!(t.contains("id=\"cancel-btn\" class=\"danger\">"), "{t}");
-    assert!(t.contains(&format!("data-stream=\"/v1/tasks/{a}/events?after=")), "{t}");
+    assert!(
+        t.contains(&format!("data-stream=\"/v1/tasks/{a}/events?after=")),
+        "{t}"
+    );
     let f = d.page(&format!("/ui/fragments/tasks/{a}")).await;
-    assert!(f.starts_with("<div class=\"task\" data-state=\"running\""), "{f}");
+    assert!(
+        f.starts_with("<div class=\"task\" data-state=\"running\""),
+        "{f}"
+    );
 
     // A run: record, tasks by key, abort form, trail with task ids.
     let r = d.page(&format!("/runs/{run_id}")).await;
     assert!(r.contains("id=\"abort-btn\" class=\"danger\">"), "{r}");
     assert!(r.contains("data-kind=\"run.created\""), "{r}");
-    assert!(r.contains(&format!("data-stream=\"/v1/runs/{run_id}/events?after=")), "{r}");
+    assert!(
+        r.contains(&format!("data-stream=\"/v1/runs/{run_id}/events?after=")),
+        "{r}"
+    );
     assert!(r.contains("<td>a</td>") && r.contains("<td>b</td>"), "{r}");
     let f = d.page(&format!("/ui/fragments/runs/{run_id}")).await;
-    assert!(f.starts_with("<div class=\"run\" data-state=\"running\""), "{f}");
+    assert!(
+        f.starts_with("<div class=\"run\" data-state=\"running\""),
+        "{f}"
+    );
     let runs = d.page("/runs").await;
     assert!(runs.contains(&format!("data-run=\"{run_id}\"")), "{runs}");
     let runs = d.page("/ui/fragments/runs?limit=5").await;
@@ -271,11 +308,17 @@ async fn every_page_and_fragment_answers_html() {
 
     // Aborting it ends the live page's stream.
     let (status, _) = d
-        .post(&format!("/v1/runs/{run_id}/abort"), json!({"wait_ms": 30_000}))
+        .post(
+            &format!("/v1/runs/{run_id}/abort"),
+            json!({"wait_ms": 30_000}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let r = d.page(&format!("/runs/{run_id}")).await;
-    assert!(r.contains("id=\"abort-btn\" class=\"danger\" disabled"), "{r}");
+    assert!(
+        r.contains("id=\"abort-btn\" class=\"danger\" disabled"),
+        "{r}"
+    );
     assert!(r.contains("class=\"abort-record\""), "{r}");
 
     // Assets: right types, cached for good only under the current version.
@@ -296,7 +339,10 @@ async fn every_page_and_fragment_answers_html() {
             .unwrap_or_else(|| panic!("{path} is not linked from the page"));
         let (_, headers, _) = d.get(&format!("{path}?v={versioned}")).await;
         assert!(
-            headers[header::CACHE_CONTROL].to_str().unwrap().contains("immutable"),
+            headers[header::CACHE_CONTROL]
+                .to_str()
+                .unwrap()
+                .contains("immutable"),
             "{path}"
         );
     }
@@ -308,24 +354,83 @@ async fn bad_queries_and_unknown_ids_get_clear_pages() {
     for (uri, status, says) in [
         ("/tasks/t_nope", StatusCode::NOT_FOUND, "no task t_nope"),
         ("/runs/r_nope", StatusCode::NOT_FOUND, "no run r_nope"),
-        ("/tasks?state=sleeping", StatusCode::BAD_REQUEST, "unknown state `sleeping`"),
-        ("/tasks?limit=0", StatusCode::BAD_REQUEST, "limit must be between 1 and"),
-        ("/tasks?limit=many", StatusCode::BAD_REQUEST, "invalid query"),
-        ("/tasks?color=red", StatusCode::BAD_REQUEST, "unknown field `color`"),
-        ("/tasks?cursor=t_nope", StatusCode::BAD_REQUEST, "bad cursor"),
-        ("/tasks?cursor=a&before=b", StatusCode::BAD_REQUEST, "either cursor or before"),
-        ("/runs?limit=0", StatusCode::BAD_REQUEST, "limit must be between 1 and"),
-        ("/ui/fragments/tasks/t_nope", StatusCode::NOT_FOUND, "no task t_nope"),
-        ("/ui/fragments/tasks/t_nope/events", StatusCode::NOT_FOUND, "no task t_nope"),
-        ("/ui/fragments/runs/r_nope", StatusCode::NOT_FOUND, "no run r_nope"),
-        ("/ui/fragments/runs/r_nope/events", StatusCode::NOT_FOUND, "no run r_nope"),
-        ("/ui/fragments/tasks?state=x", StatusCode::BAD_REQUEST, "unknown state `x`"),
-        ("/ui/fragments/runs?cursor=r_nope", StatusCode::BAD_REQUEST, "bad cursor"),
+        (
+            "/tasks?state=sleeping",
+            StatusCode::BAD_REQUEST,
+            "unknown state `sleeping`",
+        ),
+        (
+            "/tasks?limit=0",
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and",
+        ),
+        (
+            "/tasks?limit=many",
+            StatusCode::BAD_REQUEST,
+            "invalid query",
+        ),
+        (
+            "/tasks?color=red",
+            StatusCode::BAD_REQUEST,
+            "unknown field `color`",
+        ),
+        (
+            "/tasks?cursor=t_nope",
+            StatusCode::BAD_REQUEST,
+            "bad cursor",
+        ),
+        (
+            "/tasks?cursor=a&before=b",
+            StatusCode::BAD_REQUEST,
+            "either cursor or before",
+        ),
+        (
+            "/runs?limit=0",
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and",
+        ),
+        (
+            "/ui/fragments/tasks/t_nope",
+            StatusCode::NOT_FOUND,
+            "no task t_nope",
+        ),
+        (
+            "/ui/fragments/tasks/t_nope/events",
+            StatusCode::NOT_FOUND,
+            "no task t_nope",
+        ),
+        (
+            "/ui/fragments/runs/r_nope",
+            StatusCode::NOT_FOUND,
+            "no run r_nope",
+        ),
+        (
+            "/ui/fragments/runs/r_nope/events",
+            StatusCode::NOT_FOUND,
+            "no run r_nope",
+        ),
+        (
+            "/ui/fragments/tasks?state=x",
+            StatusCode::BAD_REQUEST,
+            "unknown state `x`",
+        ),
+        (
+            "/ui/fragments/runs?cursor=r_nope",
+            StatusCode::BAD_REQUEST,
+            "bad cursor",
+        ),
     ] {
         let (got, headers, body) = d.get(uri).await;
         assert_eq!(got, status, "{uri}: {body}");
-        assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8", "{uri}");
-        assert!(body.contains(&says.replace('`', "&#96;")) || body.contains(says), "{uri}: {body}");
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "text/html; charset=utf-8",
+            "{uri}"
+        );
+        assert!(
+            body.contains(&says.replace('`', "&#96;")) || body.contains(says),
+            "{uri}: {body}"
+        );
         if !uri.starts_with("/ui/") {
             assert!(body.starts_with("<!doctype html>"), "{uri} is a whole page");
         }
@@ -333,7 +438,10 @@ async fn bad_queries_and_unknown_ids_get_clear_pages() {
     // A hostile id is echoed as text.
     let (status, _, body) = d.get("/tasks/%3Cscript%3Ealert(1)%3C%2Fscript%3E").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(body.contains("no task &lt;script&gt;alert(1)&lt;/script&gt;"), "{body}");
+    assert!(
+        body.contains("no task &lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{body}"
+    );
     assert_only_own_scripts("404", &body);
 }
 
@@ -381,7 +489,10 @@ async fn guest_text_is_shown_as_text_everywhere() {
     let pages = [
         (format!("/tasks/{out}"), "output"),
         (format!("/tasks/{cmd}"), "stdout"),
-        (format!("/ui/fragments/tasks/{cmd}/events"), "stdout line event"),
+        (
+            format!("/ui/fragments/tasks/{cmd}/events"),
+            "stdout line event",
+        ),
         (format!("/tasks/{err}"), "error"),
         (format!("/tasks/{coop}"), "cancel reason and log"),
         ("/".to_owned(), "overview notes"),
@@ -398,13 +509,19 @@ async fn guest_text_is_shown_as_text_everywhere() {
         );
     }
     let coop_page = d.page(&format!("/tasks/{coop}")).await;
-    assert!(coop_page.contains(&format!("<dd class=\"reason\">{escaped}</dd>")), "{coop_page}");
+    assert!(
+        coop_page.contains(&format!("<dd class=\"reason\">{escaped}</dd>")),
+        "{coop_page}"
+    );
     assert!(
         coop_page.contains(&format!("[warn] cancel requested: {escaped}")),
         "the guest's log line: {coop_page}"
     );
     let cmd_page = d.page(&format!("/tasks/{cmd}")).await;
-    assert!(cmd_page.contains(&format!("<pre class=\"stdout\">arg: {escaped}")), "{cmd_page}");
+    assert!(
+        cmd_page.contains(&format!("<pre class=\"stdout\">arg: {escaped}")),
+        "{cmd_page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,18 +546,32 @@ async fn task_pages_walk_older_and_newer() {
     };
     let p1 = d.page("/ui/fragments/tasks?limit=2").await;
     assert_eq!(rows(&p1), [ids[4].clone(), ids[3].clone()]);
-    assert!(!p1.contains("rel=\"prev\""), "the first page has no newer page: {p1}");
+    assert!(
+        !p1.contains("rel=\"prev\""),
+        "the first page has no newer page: {p1}"
+    );
     assert!(p1.contains(&format!("cursor={}", ids[3])), "{p1}");
-    let p2 = d.page(&format!("/ui/fragments/tasks?limit=2&cursor={}", ids[3])).await;
+    let p2 = d
+        .page(&format!("/ui/fragments/tasks?limit=2&cursor={}", ids[3]))
+        .await;
     assert_eq!(rows(&p2), [ids[2].clone(), ids[1].clone()]);
     assert!(p2.contains(&format!("before={}", ids[2])), "{p2}");
-    let p3 = d.page(&format!("/ui/fragments/tasks?limit=2&cursor={}", ids[1])).await;
+    let p3 = d
+        .page(&format!("/ui/fragments/tasks?limit=2&cursor={}", ids[1]))
+        .await;
     assert_eq!(rows(&p3), [ids[0].clone()]);
-    assert!(!p3.contains("rel=\"next\""), "the last page has no older page: {p3}");
+    assert!(
+        !p3.contains("rel=\"next\""),
+        "the last page has no older page: {p3}"
+    );
     // Back: newer than 0 is 2 1; newer than 2 reaches the newest page.
-    let back = d.page(&format!("/ui/fragments/tasks?limit=2&before={}", ids[0])).await;
+    let back = d
+        .page(&format!("/ui/fragments/tasks?limit=2&before={}", ids[0]))
+        .await;
     assert_eq!(rows(&back), [ids[2].clone(), ids[1].clone()]);
-    let back = d.page(&format!("/ui/fragments/tasks?limit=2&before={}", ids[2])).await;
+    let back = d
+        .page(&format!("/ui/fragments/tasks?limit=2&before={}", ids[2]))
+        .await;
     assert_eq!(rows(&back), [ids[4].clone(), ids[3].clone()]);
 }
 
@@ -460,8 +591,15 @@ async fn trail_fragments_page_events_after_a_seq() {
     assert_eq!(headers["x-wasmtask-last-seq"], last.to_string().as_str());
     assert_eq!(headers["x-wasmtask-more"], "false");
     // 20 progress reports and checkpoints fold into one row.
-    assert_eq!(all.matches("data-kind=\"task.progress\"").count(), 1, "{all}");
-    assert!(all.contains("(20 progress report(s), 20 checkpoint(s))"), "{all}");
+    assert_eq!(
+        all.matches("data-kind=\"task.progress\"").count(),
+        1,
+        "{all}"
+    );
+    assert!(
+        all.contains("(20 progress report(s), 20 checkpoint(s))"),
+        "{all}"
+    );
     assert!(all.contains("data-kind=\"task.succeeded\""), "{all}");
     // After the last seq: nothing, and the seq stays.
     let (_, headers, none) = d
@@ -509,7 +647,9 @@ async fn the_change_stream_signals_each_commit() {
         }
         assert!(Instant::now() < deadline, "no first change: {text}");
     };
-    let id = d.submit(json!({"plugin": "hello", "input": {"text": "x"}})).await;
+    let id = d
+        .submit(json!({"plugin": "hello", "input": {"text": "x"}}))
+        .await;
     d.wait_end(&id).await;
     let after = loop {
         let chunk = tokio::time::timeout(PATIENCE, body.next()).await.unwrap();
@@ -537,7 +677,10 @@ async fn an_undelivered_cancel_is_shown_until_the_task_ends() {
         .await;
     d.wait_state(&id, |s| s == "running").await;
     let (status, _) = d
-        .post(&format!("/v1/tasks/{id}/cancel"), json!({"grace_ms": 600_000}))
+        .post(
+            &format!("/v1/tasks/{id}/cancel"),
+            json!({"grace_ms": 600_000}),
+        )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let f = d.page(&format!("/ui/fragments/tasks/{id}")).await;
@@ -565,11 +708,17 @@ async fn an_undelivered_cancel_is_shown_until_the_task_ends() {
     );
     // A new request supersedes the failure; the end clears it.
     let (status, body) = d
-        .post(&format!("/v1/tasks/{id}/cancel"), json!({"grace_ms": 0, "wait_ms": 30_000}))
+        .post(
+            &format!("/v1/tasks/{id}/cancel"),
+            json!({"grace_ms": 0, "wait_ms": 30_000}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let f = d.page(&format!("/ui/fragments/tasks/{id}")).await;
-    assert!(f.contains("data-state=\"canceled\"") && !f.contains("cancel-failed"), "{f}");
+    assert!(
+        f.contains("data-state=\"canceled\"") && !f.contains("cancel-failed"),
+        "{f}"
+    );
 }
 
 // ---------------------------------------------------------------------
@@ -592,7 +741,10 @@ fn assert_fits(b: &Browser, what: &str) {
         json!([]),
     );
     let (scroll, inner) = (v[0].as_i64().unwrap(), v[1].as_i64().unwrap());
-    assert!(scroll <= inner, "{what}: the page is {scroll}px wide in a {inner}px window");
+    assert!(
+        scroll <= inner,
+        "{what}: the page is {scroll}px wide in a {inner}px window"
+    );
 }
 
 #[test]
@@ -645,10 +797,18 @@ fn browser_cancels_a_running_task_live_with_a_token() {
         "return document.querySelector('#live .task[data-state=canceled]') !== null;",
         json!([]),
     );
-    assert_eq!(b.js("return window.__noReload;", json!([])), 43, "the page was reloaded");
+    assert_eq!(
+        b.js("return window.__noReload;", json!([])),
+        43,
+        "the page was reloaded"
+    );
     assert_eq!(b.text("#cancel-record .reason"), reason);
     assert_eq!(b.text("#cancel-record .actor"), "api");
-    assert!(b.text("#cancel-record .how").starts_with("acknowledged"), "{}", b.text("#cancel-record"));
+    assert!(
+        b.text("#cancel-record .how").starts_with("acknowledged"),
+        "{}",
+        b.text("#cancel-record")
+    );
     assert!(!b.text("#cancel-record .latency").contains('—'));
     b.wait_js(
         "the outcome message",
@@ -660,18 +820,44 @@ fn browser_cancels_a_running_task_live_with_a_token() {
         "return document.querySelector('#trail tr[data-kind=\"task.canceled\"]') !== null;",
         json!([]),
     );
-    assert_eq!(b.js("return document.getElementById('cancel-btn').disabled;", json!([])), true);
-    assert_eq!(b.js("return document.getElementById('live-status').dataset.state;", json!([])), "ended");
+    assert_eq!(
+        b.js(
+            "return document.getElementById('cancel-btn').disabled;",
+            json!([])
+        ),
+        true
+    );
+    assert_eq!(
+        b.js(
+            "return document.getElementById('live-status').dataset.state;",
+            json!([])
+        ),
+        "ended"
+    );
     // Partial output (the guest's last checkpoint) and its acknowledgement.
-    assert!(b.text("#live pre.output").contains("\"partial\": true"), "{}", b.text("#live"));
-    assert_eq!(b.js("return sessionStorage.getItem('wasmtask.token');", json!([])), token);
+    assert!(
+        b.text("#live pre.output").contains("\"partial\": true"),
+        "{}",
+        b.text("#live")
+    );
+    assert_eq!(
+        b.js(
+            "return sessionStorage.getItem('wasmtask.token');",
+            json!([])
+        ),
+        token
+    );
     let record = s.task(&id);
     assert_eq!(record["state"], "canceled");
     assert_eq!(record["cancel"]["reason"], reason);
     shot(&b, "dashboard-task.png");
 
     b.resize(NARROW.0, NARROW.1);
-    b.wait_js("the narrow layout", "return window.innerWidth <= 420;", json!([]));
+    b.wait_js(
+        "the narrow layout",
+        "return window.innerWidth <= 420;",
+        json!([]),
+    );
     assert_fits(&b, "task page, narrow");
     shot(&b, "dashboard-task-narrow.png");
     b.assert_console_errors(&[]);
@@ -708,9 +894,14 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
         "return document.querySelector('#live .run[data-state=aborted]') !== null;",
         json!([]),
     );
-    assert_eq!(b.js("return window.__noReload;", json!([])), 7, "the page was reloaded");
+    assert_eq!(
+        b.js("return window.__noReload;", json!([])),
+        7,
+        "the page was reloaded"
+    );
     assert!(
-        b.text("#live .abort-record").contains("superseded by a newer build"),
+        b.text("#live .abort-record")
+            .contains("superseded by a newer build"),
         "{}",
         b.text("#live")
     );
@@ -725,7 +916,13 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
         "return document.querySelector('#trail tr[data-kind=\"run.finished\"]') !== null;",
         json!([]),
     );
-    assert_eq!(b.js("return document.getElementById('abort-btn').disabled;", json!([])), true);
+    assert_eq!(
+        b.js(
+            "return document.getElementById('abort-btn').disabled;",
+            json!([])
+        ),
+        true
+    );
     b.wait_js(
         "the outcome message",
         "return document.getElementById('action-result').textContent.includes('aborted');",
@@ -742,21 +939,54 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
     s.wait_state(&cmd_id, "succeeded", PATIENCE);
     b.goto(&s.url(&format!("/tasks/{cmd_id}")));
     b.find("#live .task[data-state=succeeded]");
-    assert!(b.text("#live pre.stdout").contains(&format!("arg: {evil}")), "{}", b.text("#live"));
-    assert!(b.text("#trail").contains(evil), "stdout lines in the trail: {}", b.text("#trail"));
+    assert!(
+        b.text("#live pre.stdout").contains(&format!("arg: {evil}")),
+        "{}",
+        b.text("#live")
+    );
+    assert!(
+        b.text("#trail").contains(evil),
+        "stdout lines in the trail: {}",
+        b.text("#trail")
+    );
     b.goto(&s.url(&format!("/tasks/{out_id}")));
     b.find("#live .task[data-state=succeeded]");
-    assert!(b.text("#live pre.output").contains("<script>window.__xss = 1</script>"));
-    assert_eq!(b.js("return document.getElementById('cancel-btn').disabled;", json!([])), true);
-    assert_eq!(b.js("return document.getElementById('cancel-reason').disabled;", json!([])), true);
-    assert_eq!(b.js("return window.__xss === undefined;", json!([])), true, "guest script ran");
+    assert!(
+        b.text("#live pre.output")
+            .contains("<script>window.__xss = 1</script>")
+    );
     assert_eq!(
-        b.js("return document.querySelectorAll('main script, main img').length;", json!([])),
+        b.js(
+            "return document.getElementById('cancel-btn').disabled;",
+            json!([])
+        ),
+        true
+    );
+    assert_eq!(
+        b.js(
+            "return document.getElementById('cancel-reason').disabled;",
+            json!([])
+        ),
+        true
+    );
+    assert_eq!(
+        b.js("return window.__xss === undefined;", json!([])),
+        true,
+        "guest script ran"
+    );
+    assert_eq!(
+        b.js(
+            "return document.querySelectorAll('main script, main img').length;",
+            json!([])
+        ),
         0
     );
     // A click that raced the task's end (a page showing it still running)
     // is refused by the server and says so.
-    b.js("document.getElementById('cancel-btn').disabled = false;", json!([]));
+    b.js(
+        "document.getElementById('cancel-btn').disabled = false;",
+        json!([]),
+    );
     b.click("#cancel-btn");
     b.wait_js(
         "the refusal",
@@ -768,11 +998,17 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
     assert_eq!(s.task(&out_id)["state"], "succeeded");
     // The overview at both widths, with the run, the tasks and their states.
     b.goto(&s.url("/"));
-    b.find(&format!("#live tr[data-run=\"{run_id}\"][data-state=\"aborted\"]"));
+    b.find(&format!(
+        "#live tr[data-run=\"{run_id}\"][data-state=\"aborted\"]"
+    ));
     assert_fits(&b, "overview, laptop");
     shot(&b, "dashboard.png");
     b.resize(NARROW.0, NARROW.1);
-    b.wait_js("the narrow layout", "return window.innerWidth <= 420;", json!([]));
+    b.wait_js(
+        "the narrow layout",
+        "return window.innerWidth <= 420;",
+        json!([]),
+    );
     assert_fits(&b, "overview, narrow");
     shot(&b, "dashboard-narrow.png");
     // The refused POST is the one failed load the page shows.

@@ -28,7 +28,7 @@ impl OnTerminal {
     fn spawn(mut cmd: Command) -> OnTerminal {
         let mut master = -1;
         let mut slave = -1;
-        let mut size = libc::winsize {
+        let size = libc::winsize {
             ws_row: 30,
             ws_col: 100,
             ws_xpixel: 0,
@@ -40,7 +40,7 @@ impl OnTerminal {
                 &mut slave,
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
-                &mut size,
+                &size,
             )
         };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
@@ -104,7 +104,11 @@ impl OnTerminal {
             if let Some(st) = self.child.try_wait().unwrap() {
                 break st;
             }
-            assert!(Instant::now() < deadline, "still running: {:?}", self.text());
+            assert!(
+                Instant::now() < deadline,
+                "still running: {:?}",
+                self.text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         if let Some(r) = self.reader.take() {
@@ -125,7 +129,10 @@ impl Drop for OnTerminal {
 fn has_bar(screen: &str, label: &str) -> bool {
     screen.split(['\n', '\r']).any(|line| {
         let plain = strip_ansi(line);
-        plain.contains(label) && plain.contains("] ") && plain.contains("% ") && plain.contains("step ")
+        plain.contains(label)
+            && plain.contains("] ")
+            && plain.contains("% ")
+            && plain.contains("step ")
     })
 }
 
@@ -176,7 +183,10 @@ fn submit_follow_draws_a_bar_on_a_terminal_and_plain_lines_on_a_pipe() {
     assert_eq!(code, Some(130), "{screen:?}");
     assert!(screen.contains("SIGINT: canceling task t_"), "{screen:?}");
     assert!(screen.contains("\u{1b}["), "drawn in place: {screen:?}");
-    assert!(!screen.contains("[progress "), "no plain progress lines: {screen:?}");
+    assert!(
+        !screen.contains("[progress "),
+        "no plain progress lines: {screen:?}"
+    );
 
     // On a pipe: plain lines only.
     let out = cli(&s)
@@ -210,14 +220,22 @@ fn logs_follow_draws_a_bar_per_task_of_a_run() {
     let mut c = cli(&s);
     c.args(["logs", "-f", &run_id]);
     let term = OnTerminal::spawn(c);
-    term.wait_for("a bar for each task", |t| has_bar(t, "alpha") && has_bar(t, "beta"));
-    let (status, body) = s.post(&format!("/v1/runs/{run_id}/abort"), &json!({"reason": "enough bars"}));
+    term.wait_for("a bar for each task", |t| {
+        has_bar(t, "alpha") && has_bar(t, "beta")
+    });
+    let (status, body) = s.post(
+        &format!("/v1/runs/{run_id}/abort"),
+        &json!({"reason": "enough bars"}),
+    );
     assert!(status == 200 || status == 202, "{body}");
     let (code, screen) = term.finish();
     assert_eq!(code, Some(0), "{screen:?}");
     let plain = strip_ansi(&screen);
     assert!(plain.contains("run.finished"), "{plain}");
-    assert!(plain.contains("abort requested by api: enough bars"), "{plain}");
+    assert!(
+        plain.contains("abort requested by api: enough bars"),
+        "{plain}"
+    );
     // Progress is on the bars, not in lines, when stdout is the terminal.
     assert!(!plain.contains("task.progress"), "{plain}");
 }
@@ -248,7 +266,12 @@ fn pipeline_run_draws_a_bar_per_step_on_a_terminal() {
     assert!(plain.contains("SIGINT: aborting the pipeline"), "{plain}");
     assert!(plain.contains("[crunch] canceled"), "{plain}");
     // The summary table comes after the bars are gone.
-    let summary = plain.rfind("STEP").unwrap_or_else(|| panic!("no summary: {plain}"));
+    let summary = plain
+        .rfind("STEP")
+        .unwrap_or_else(|| panic!("no summary: {plain}"));
     assert!(plain[summary..].contains("crunch"), "{plain}");
-    assert!(!plain[summary..].contains("% "), "a bar after the summary: {plain}");
+    assert!(
+        !plain[summary..].contains("% "),
+        "a bar after the summary: {plain}"
+    );
 }

@@ -33,10 +33,7 @@ pub fn layout(p: &Page<'_>, body: &str) -> String {
     let mut h = Html::new();
     h.raw("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">")
         .raw("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">")
-        .fmt(format_args!(
-            "<title>{} · wasmtask</title>",
-            Esc(p.title)
-        ))
+        .fmt(format_args!("<title>{} · wasmtask</title>", Esc(p.title)))
         .fmt(format_args!(
             "<link rel=\"icon\" href=\"/ui/favicon.svg?v={0}\" type=\"image/svg+xml\">\
              <link rel=\"stylesheet\" href=\"/ui/style.css?v={0}\">\
@@ -51,7 +48,10 @@ pub fn layout(p: &Page<'_>, body: &str) -> String {
     if let Some(s) = &p.stream {
         h.fmt(format_args!(" data-stream=\"{}\"", Esc(s)));
         let ends: Vec<&str> = p.stream_end.iter().map(|k| k.as_str()).collect();
-        h.fmt(format_args!(" data-stream-end=\"{}\"", Esc(&ends.join(" "))));
+        h.fmt(format_args!(
+            " data-stream-end=\"{}\"",
+            Esc(&ends.join(" "))
+        ));
     }
     h.raw(">");
     h.raw("<header class=\"top\"><a class=\"brand\" href=\"/\">wasmtask</a><nav>");
@@ -180,7 +180,10 @@ fn task_link(h: &mut Html, id: &str) {
 }
 
 fn run_link(h: &mut Html, id: &str, name: Option<&str>) {
-    h.fmt(format_args!("<a class=\"id\" href=\"/runs/{0}\">{0}</a>", Esc(id)));
+    h.fmt(format_args!(
+        "<a class=\"id\" href=\"/runs/{0}\">{0}</a>",
+        Esc(id)
+    ));
     if let Some(n) = name.filter(|n| !n.is_empty()) {
         h.fmt(format_args!(" <span class=\"muted\">{}</span>", Esc(n)));
     }
@@ -374,7 +377,10 @@ pub fn overview(o: &Overview) -> String {
     task_table(
         &mut h,
         &o.active,
-        Columns { run: true, key: false },
+        Columns {
+            run: true,
+            key: false,
+        },
         o.now,
         "Nothing is running.",
     );
@@ -388,7 +394,10 @@ pub fn overview(o: &Overview) -> String {
     task_table(
         &mut h,
         &o.recent,
-        Columns { run: true, key: false },
+        Columns {
+            run: true,
+            key: false,
+        },
         o.now,
         "No tasks yet. Submit one with `wasmtask submit` or POST /v1/tasks.",
     );
@@ -482,16 +491,16 @@ pub fn task_list(l: &TaskList) -> String {
     task_table(
         &mut h,
         &l.tasks,
-        Columns { run: true, key: false },
+        Columns {
+            run: true,
+            key: false,
+        },
         l.now,
         "No task matches these filters.",
     );
     h.raw("<nav class=\"pager\" aria-label=\"pages\">");
     if l.has_newer {
-        h.fmt(format_args!(
-            "<a href=\"/tasks?{}\">« newest</a>",
-            Esc(&q)
-        ));
+        h.fmt(format_args!("<a href=\"/tasks?{}\">« newest</a>", Esc(&q)));
         if let Some(first) = l.tasks.first() {
             h.fmt(format_args!(
                 "<a rel=\"prev\" href=\"/tasks?{}&amp;before={}\">‹ newer</a>",
@@ -522,8 +531,10 @@ fn run_table(h: &mut Html, runs: &[RunRecord], empty: &str) {
         h.fmt(format_args!("<p class=\"muted empty\">{}</p>", Esc(empty)));
         return;
     }
-    h.raw("<div class=\"scroll\"><table class=\"runs\"><thead><tr><th>run</th><th>state</th>\
-           <th>created</th><th class=\"wide\">finished</th><th>note</th></tr></thead><tbody>");
+    h.raw(
+        "<div class=\"scroll\"><table class=\"runs\"><thead><tr><th>run</th><th>state</th>\
+           <th>created</th><th class=\"wide\">finished</th><th>note</th></tr></thead><tbody>",
+    );
     for r in runs {
         h.fmt(format_args!(
             "<tr data-run=\"{}\" data-state=\"{}\"><td>",
@@ -564,7 +575,10 @@ pub fn run_list(l: &RunList) -> String {
     run_table(&mut h, &l.runs, "No runs yet.");
     h.raw("<nav class=\"pager\" aria-label=\"pages\">");
     if l.paged {
-        h.fmt(format_args!("<a href=\"/runs?limit={}\">« newest</a>", l.limit));
+        h.fmt(format_args!(
+            "<a href=\"/runs?limit={}\">« newest</a>",
+            l.limit
+        ));
     }
     if l.has_older
         && let Some(last) = l.runs.last()
@@ -600,7 +614,10 @@ pub fn run_detail(v: &RunView, now: i64) -> String {
     h.raw("</dd><dt>finished</dt><dd>");
     time_el(&mut h, r.finished_at);
     if let Some(f) = r.finished_at {
-        h.fmt(format_args!(" <span class=\"muted\">after {}</span>", Esc(&span_ms(f - r.created_at))));
+        h.fmt(format_args!(
+            " <span class=\"muted\">after {}</span>",
+            Esc(&span_ms(f - r.created_at))
+        ));
     }
     h.raw("</dd>");
     if let Some(a) = &r.abort {
@@ -631,7 +648,10 @@ pub fn run_detail(v: &RunView, now: i64) -> String {
     task_table(
         &mut h,
         &v.tasks,
-        Columns { run: false, key: true },
+        Columns {
+            run: false,
+            key: true,
+        },
         now,
         "This run has no tasks.",
     );
@@ -725,15 +745,25 @@ pub fn task_detail(t: &TaskRecord, cancel_failed: Option<&str>, now: i64) -> Str
     time_el(&mut h, t.finished_at);
     h.fmt(format_args!(
         "</dd><dt>{}</dt><dd>{}</dd>",
-        if t.finished_at.is_some() { "ran for" } else { "running for" },
+        if t.finished_at.is_some() {
+            "ran for"
+        } else {
+            "running for"
+        },
         Esc(&elapsed(t, now))
     ));
     let limits = &t.spec.limits;
     if let Some(ms) = limits.timeout_ms {
-        h.fmt(format_args!("<dt>timeout</dt><dd>{}</dd>", Esc(&span_ms(i64::try_from(ms).unwrap_or(i64::MAX)))));
+        h.fmt(format_args!(
+            "<dt>timeout</dt><dd>{}</dd>",
+            Esc(&span_ms(i64::try_from(ms).unwrap_or(i64::MAX)))
+        ));
     }
     if let Some(g) = t.spec.grace_ms {
-        h.fmt(format_args!("<dt>default grace</dt><dd>{}</dd>", Esc(&span_ms(i64::try_from(g).unwrap_or(i64::MAX)))));
+        h.fmt(format_args!(
+            "<dt>default grace</dt><dd>{}</dd>",
+            Esc(&span_ms(i64::try_from(g).unwrap_or(i64::MAX)))
+        ));
     }
     h.raw("</dl></section>");
 
@@ -864,12 +894,17 @@ pub fn trail_rows(events: &[Event], with_task: bool) -> String {
             }
             h.raw("</td>");
         }
-        h.fmt(format_args!("<td class=\"kind\">{kind}</td><td class=\"summary\">"));
+        h.fmt(format_args!(
+            "<td class=\"kind\">{kind}</td><td class=\"summary\">"
+        ));
         h.text(&crate::cli::event_summary(shown));
         if noisy(e) {
             // The script folds a live row into the one before it, adding
             // these counts (data-progress, data-checkpoints).
-            let progress = group.iter().filter(|x| x.kind == EventKind::TaskProgress).count();
+            let progress = group
+                .iter()
+                .filter(|x| x.kind == EventKind::TaskProgress)
+                .count();
             let checkpoints = group.len() - progress;
             h.fmt(format_args!(
                 " <span class=\"muted fold\" data-progress=\"{progress}\" data-checkpoints=\"{checkpoints}\">"
@@ -912,8 +947,16 @@ pub fn trail(events: &[Event], with_task: bool, omitted: bool, url: &str, after:
 /// The action forms of a task page.
 pub fn task_actions(t: &TaskRecord) -> String {
     let mut h = Html::new();
-    let dis = if t.state.is_terminal() { " disabled" } else { "" };
-    let force_dis = if t.state == TaskState::CancelRequested { "" } else { " disabled" };
+    let dis = if t.state.is_terminal() {
+        " disabled"
+    } else {
+        ""
+    };
+    let force_dis = if t.state == TaskState::CancelRequested {
+        ""
+    } else {
+        " disabled"
+    };
     h.fmt(format_args!(
         "<form id=\"cancel-form\" class=\"actions\" data-task=\"{}\">\
          <label>reason <input id=\"cancel-reason\" name=\"reason\" maxlength=\"1024\" \
@@ -933,7 +976,11 @@ pub fn task_actions(t: &TaskRecord) -> String {
 /// The action form of a run page.
 pub fn run_actions(r: &RunRecord) -> String {
     let mut h = Html::new();
-    let dis = if r.state.is_terminal() { " disabled" } else { "" };
+    let dis = if r.state.is_terminal() {
+        " disabled"
+    } else {
+        ""
+    };
     h.fmt(format_args!(
         "<form id=\"abort-form\" class=\"actions\" data-run=\"{}\">\
          <label>reason <input id=\"abort-reason\" name=\"reason\" maxlength=\"1024\" \
