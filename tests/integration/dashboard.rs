@@ -301,6 +301,14 @@ async fn every_page_and_fragment_answers_html() {
         f.starts_with("<div class=\"run\" data-state=\"running\""),
         "{f}"
     );
+    let rows = d
+        .page(&format!("/ui/fragments/runs/{run_id}/events?after=0"))
+        .await;
+    assert!(rows.contains("data-kind=\"run.created\""), "{rows}");
+    assert!(
+        rows.contains(&format!("href=\"/tasks/{a}\"")),
+        "rows name their task: {rows}"
+    );
     let runs = d.page("/runs").await;
     assert!(runs.contains(&format!("data-run=\"{run_id}\"")), "{runs}");
     let runs = d.page("/ui/fragments/runs?limit=5").await;
