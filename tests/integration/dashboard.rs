@@ -895,6 +895,17 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
         json!([]),
     );
     b.js("window.__noReload = 7;", json!([]));
+    // A sleeping guest sends no events; its running time still ticks.
+    let sleeping = format!(
+        "#live tr[data-task=\"{}\"] .elapsed",
+        run["tasks"][1]["id"].as_str().unwrap()
+    );
+    let first = b.text(&sleeping);
+    b.wait_js(
+        "the running time tick",
+        "const e = document.querySelector(arguments[0]); return e && e.textContent !== arguments[1];",
+        json!([sleeping, first]),
+    );
     b.type_into("#abort-reason", "superseded by a newer build");
     b.click("#abort-btn");
     b.wait_js(
@@ -1004,6 +1015,23 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
     let msg = b.text("#action-result");
     assert!(msg.contains("already finished as succeeded"), "{msg}");
     assert_eq!(s.task(&out_id)["state"], "succeeded");
+    // The task list's filter form is a URL; its rows match it.
+    b.goto(&s.url("/tasks"));
+    b.js(
+        "const sel = document.querySelector('form.filters select[name=state]'); \
+         sel.value = 'canceled';",
+        json!([]),
+    );
+    b.click("form.filters button[type=submit]");
+    b.wait_js(
+        "the filtered list",
+        "return location.search.includes('state=canceled') && \
+         document.querySelectorAll('#live tr[data-task]').length === 3 && \
+         [...document.querySelectorAll('#live tr[data-task]')].every(r => r.dataset.state === 'canceled');",
+        json!([]),
+    );
+    b.goto(&s.url("/runs"));
+    b.find(&format!("#live tr[data-run=\"{run_id}\"]"));
     // The overview at both widths, with the run, the tasks and their states.
     b.goto(&s.url("/"));
     b.find(&format!(

@@ -76,6 +76,7 @@
       const html = await r.text();
       if (r.ok) {
         el.innerHTML = html;
+        stampElapsed(el);
         delete el.dataset.stale;
       } else {
         el.dataset.stale = 'true';
@@ -134,6 +135,40 @@
   function taskOf(row) {
     const link = row.querySelector('td a.id');
     return link ? link.textContent : '';
+  }
+
+  // ------------------------------------------------------------------
+  // Ticking times of tasks that have not ended
+  // ------------------------------------------------------------------
+
+  // `1.2s`, `340ms`, `2m 5s`: as the server writes them.
+  function fmtSpan(ms) {
+    if (ms < 1000) return Math.floor(ms) + 'ms';
+    if (ms < 60000) return (Math.floor(ms / 100) / 10).toFixed(1) + 's';
+    let s = Math.floor(ms / 1000);
+    const parts = [];
+    const d = Math.floor(s / 86400); s -= d * 86400;
+    const h = Math.floor(s / 3600); s -= h * 3600;
+    const m = Math.floor(s / 60); s -= m * 60;
+    if (d) parts.push(d === 1 ? '1day' : d + 'days');
+    if (h) parts.push(h + 'h');
+    if (m) parts.push(m + 'm');
+    if (s) parts.push(s + 's');
+    return parts.join(' ');
+  }
+
+  // Notes when the elements under `root` were rendered.
+  function stampElapsed(root) {
+    const t0 = String(performance.now());
+    root.querySelectorAll('.elapsed[data-elapsed]').forEach((el) => { el.dataset.t0 = t0; });
+  }
+
+  function tick() {
+    const now = performance.now();
+    document.querySelectorAll('.elapsed[data-elapsed]').forEach((el) => {
+      const ms = Number(el.dataset.elapsed) + (now - Number(el.dataset.t0 || now));
+      el.textContent = (el.dataset.prefix || '') + fmtSpan(ms);
+    });
   }
 
   // ------------------------------------------------------------------
@@ -466,5 +501,7 @@
 
   setupToken();
   setupActions();
+  stampElapsed(document);
+  window.setInterval(tick, 1000);
   follow();
 })();

@@ -227,6 +227,31 @@ fn elapsed(t: &TaskRecord, now: i64) -> String {
     }
 }
 
+/// [`elapsed`] as an element; while the task has not ended the script keeps
+/// it ticking (`data-elapsed`: milliseconds at render time).
+fn elapsed_el(h: &mut Html, t: &TaskRecord, now: i64) {
+    let text = elapsed(t, now);
+    match (t.started_at, t.finished_at) {
+        (Some(s), None) => {
+            h.fmt(format_args!(
+                "<span class=\"elapsed\" data-elapsed=\"{}\">{}</span>",
+                (now - s).max(0),
+                Esc(&text)
+            ));
+        }
+        (None, None) => {
+            h.fmt(format_args!(
+                "<span class=\"elapsed\" data-elapsed=\"{}\" data-prefix=\"queued \">{}</span>",
+                (now - t.queued_at).max(0),
+                Esc(&text)
+            ));
+        }
+        _ => {
+            h.text(&text);
+        }
+    }
+}
+
 /// Which columns a task table shows.
 #[derive(Clone, Copy)]
 pub struct Columns {
@@ -269,7 +294,9 @@ pub fn task_table(h: &mut Html, tasks: &[TaskRecord], cols: Columns, now: i64, e
         progress_el(h, t);
         h.raw("</td><td class=\"wide\">");
         time_el(h, Some(t.queued_at));
-        h.fmt(format_args!("</td><td>{}</td>", Esc(&elapsed(t, now))));
+        h.raw("</td><td>");
+        elapsed_el(h, t, now);
+        h.raw("</td>");
         if cols.run {
             h.raw("<td class=\"wide\">");
             if let Some(r) = &t.run_id {
@@ -744,14 +771,15 @@ pub fn task_detail(t: &TaskRecord, cancel_failed: Option<&str>, now: i64) -> Str
     h.raw("</dd><dt>finished</dt><dd>");
     time_el(&mut h, t.finished_at);
     h.fmt(format_args!(
-        "</dd><dt>{}</dt><dd>{}</dd>",
-        if t.finished_at.is_some() {
-            "ran for"
-        } else {
-            "running for"
-        },
-        Esc(&elapsed(t, now))
+        "</dd><dt>{}</dt><dd>",
+        match (t.started_at, t.finished_at) {
+            (_, Some(_)) => "took",
+            (Some(_), None) => "running for",
+            (None, None) => "waiting for",
+        }
     ));
+    elapsed_el(&mut h, t, now);
+    h.raw("</dd>");
     let limits = &t.spec.limits;
     if let Some(ms) = limits.timeout_ms {
         h.fmt(format_args!(
