@@ -796,8 +796,18 @@ fn browser_cancels_a_running_task_live_with_a_token() {
     b.type_into("#cancel-reason", reason);
     b.type_into("#cancel-grace", "30");
     b.click("#cancel-btn");
-    // The server has a token: the page asks for it once.
+    // The server has a token: the page asks for it. A wrong one is refused
+    // (401) and asked for again; nothing was canceled.
     b.find("#token-form:not([hidden])");
+    b.type_into("#token-input", "not-the-token");
+    b.click("#token-form button[type=submit]");
+    b.wait_js(
+        "the refused token",
+        "return document.getElementById('action-result').textContent.includes('401') && \
+         !document.getElementById('token-form').hidden;",
+        json!([]),
+    );
+    assert_eq!(s.task(&id)["state"], "running");
     b.type_into("#token-input", token);
     b.click("#token-form button[type=submit]");
     b.wait_js(
@@ -868,7 +878,8 @@ fn browser_cancels_a_running_task_live_with_a_token() {
     );
     assert_fits(&b, "task page, narrow");
     shot(&b, "dashboard-task-narrow.png");
-    b.assert_console_errors(&[]);
+    // The refused token is the one failed load the page shows.
+    b.assert_console_errors(&["401"]);
 }
 
 #[test]
@@ -987,6 +998,17 @@ fn browser_aborts_a_run_and_refuses_finished_tasks() {
             json!([])
         ),
         true
+    );
+    // Refresh renders the record again (the marked element is replaced).
+    b.js(
+        "document.querySelector('#live .task').dataset.old = 'yes';",
+        json!([]),
+    );
+    b.click("#refresh");
+    b.wait_js(
+        "a refreshed record",
+        "const t = document.querySelector('#live .task'); return t && !t.dataset.old;",
+        json!([]),
     );
     assert_eq!(
         b.js("return window.__xss === undefined;", json!([])),
