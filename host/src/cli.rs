@@ -1421,10 +1421,6 @@ impl Canceller {
             Some(0)
         };
         if self.text {
-            if self.lines.is_none() && std::io::stderr().is_terminal() {
-                // Over the echoed ^C.
-                eprint!("\r\x1b[2K");
-            }
             self.say(&match grace_ms {
                 Some(0) => format!("wasmtask: {sig}: stopping task {id} (forced)"),
                 Some(g) => format!(
