@@ -83,6 +83,10 @@ pub fn router(svc: Service, cfg: ApiConfig) -> Router {
     Router::new()
         .merge(plugins)
         .merge(rest)
+        .merge(crate::dashboard::router(
+            state.svc.clone(),
+            state.token_hash.is_some(),
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))

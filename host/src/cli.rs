@@ -49,6 +49,7 @@ use crate::model::{
     ApiError, CancelBody, DirSpec, Event, EventKind, Limits, RunView, TaskRecord, TaskSpec,
     TaskState, TaskSubmit, now_millis,
 };
+use crate::progress::{Board, Lines};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -1318,12 +1319,16 @@ async fn follow_submission(
             client.base()
         );
     }
+    // On a terminal the task's progress is a live bar (progress.rs); the
+    // canceller's messages then print above it.
+    let board = if text { Board::on_stderr() } else { None };
     let mut canceller = Canceller {
         client: client.clone(),
         id: id.clone(),
         grace,
         text,
         signals: 0,
+        lines: board.as_ref().map(Board::lines),
     };
     for sig in early {
         if !canceller.signal(sig) {
@@ -1332,8 +1337,9 @@ async fn follow_submission(
     }
 
     let source = EventSource::Task(id.clone());
+    let label = record.plugin_name.clone();
     let followed = call(&client, move |c| {
-        let mut printer = FollowPrinter::new();
+        let mut printer = FollowPrinter::new(board, label);
         let result = c.follow_events(&source, None, &mut |item| {
             if text {
                 printer.item(item);
@@ -1385,18 +1391,27 @@ struct Canceller {
     grace: Option<Duration>,
     text: bool,
     signals: u32,
+    /// Where lines go while a progress bar is drawn.
+    lines: Option<Lines>,
 }
 
 impl Canceller {
+    fn say(&self, line: &str) {
+        match &self.lines {
+            Some(l) => l.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// Handles one signal; `false` means stop waiting (the third one).
     fn signal(&mut self, sig: &'static str) -> bool {
         self.signals += 1;
         let id = self.id.clone();
         if self.signals >= 3 {
-            eprintln!(
+            self.say(&format!(
                 "wasmtask: {sig} again: no longer waiting; task {id} is being canceled on the \
                  server (see `wasmtask logs -f {id}`)"
-            );
+            ));
             return false;
         }
         // The first signal grants --grace; a second forces the stop.
@@ -1406,18 +1421,14 @@ impl Canceller {
             Some(0)
         };
         if self.text {
-            if std::io::stderr().is_terminal() {
-                // Over a progress line drawn in place (and the echoed ^C).
-                eprint!("\r\x1b[2K");
-            }
-            match grace_ms {
-                Some(0) => eprintln!("wasmtask: {sig}: stopping task {id} (forced)"),
-                Some(g) => eprintln!(
+            self.say(&match grace_ms {
+                Some(0) => format!("wasmtask: {sig}: stopping task {id} (forced)"),
+                Some(g) => format!(
                     "wasmtask: {sig}: asking task {id} to stop ({} grace; send again to force)",
                     humantime::format_duration(Duration::from_millis(g))
                 ),
-                None => eprintln!("wasmtask: {sig}: canceling task {id} (send again to force)"),
-            }
+                None => format!("wasmtask: {sig}: canceling task {id} (send again to force)"),
+            });
         }
         let body = CancelBody {
             reason: Some(format!("interrupted by {sig}")),
@@ -1425,8 +1436,13 @@ impl Canceller {
             wait_ms: None,
         };
         let client = self.client.clone();
+        let lines = self.lines.clone();
         // The follow goes on meanwhile: it reports how the cancel ends.
         tokio::spawn(async move {
+            let say = |line: String| match &lines {
+                Some(l) => l.println(&line),
+                None => eprintln!("{line}"),
+            };
             let outcome = call(&client, {
                 let id = id.clone();
                 move |c| c.cancel_task(&id, &body)
@@ -1435,11 +1451,14 @@ impl Canceller {
             match outcome {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.code() == Some("task_finished") => {}
-                Ok(Err(e)) => eprintln!(
+                Ok(Err(e)) => say(format!(
                     "wasmtask: cannot cancel task {id}: {}",
                     CliError::from(e).message()
-                ),
-                Err(e) => eprintln!("wasmtask: cannot cancel task {id}: {}", e.message()),
+                )),
+                Err(e) => say(format!(
+                    "wasmtask: cannot cancel task {id}: {}",
+                    e.message()
+                )),
             }
         });
         true
@@ -1447,73 +1466,70 @@ impl Canceller {
 }
 
 /// What `submit --follow` shows on stderr while a task runs: guest logs as
-/// `run` shows them, the state changes worth knowing, and progress. A guest
-/// may report progress thousands of times a second, so progress is redrawn in
-/// place on a terminal (at most 10 times a second) and otherwise printed at
-/// most once a second.
+/// `run` shows them, the state changes worth knowing, and progress. On a
+/// terminal progress is a live bar ([`Board`]) with the lines scrolling
+/// above it; otherwise progress is a plain line, at most one a second (a
+/// guest may report progress thousands of times a second).
 struct FollowPrinter {
-    tty: bool,
-    /// A progress line is drawn on the terminal and not yet ended.
-    drawn: bool,
+    board: Option<Board>,
+    /// The bar's label (the plugin's name).
+    label: String,
     last_progress: Option<std::time::Instant>,
 }
 
 impl FollowPrinter {
-    fn new() -> FollowPrinter {
+    fn new(board: Option<Board>, label: String) -> FollowPrinter {
         FollowPrinter {
-            tty: std::io::stderr().is_terminal(),
-            drawn: false,
+            board,
+            label,
             last_progress: None,
         }
     }
 
     fn item(&mut self, item: Followed<'_>) {
         let line = match item {
-            Followed::Event(ev) if ev.kind == EventKind::TaskProgress => {
-                return self.progress(&format!("[progress {}]", progress_text(&ev.data)));
+            Followed::Event(ev) => {
+                if let Some(b) = self.board.as_mut() {
+                    b.event(ev, &self.label);
+                    if ev.kind == EventKind::TaskProgress {
+                        return;
+                    }
+                } else if ev.kind == EventKind::TaskProgress {
+                    return self.progress(&format!("[progress {}]", progress_text(&ev.data)));
+                }
+                match follow_line(ev) {
+                    Some(line) => line,
+                    None => return,
+                }
             }
-            Followed::Event(ev) => match follow_line(ev) {
-                Some(line) => line,
-                None => return,
-            },
             Followed::Reconnecting { error, delay } => format!(
                 "wasmtask: lost the event stream ({error}); reconnecting in {}",
                 humantime::format_duration(delay)
             ),
         };
-        self.clear();
-        eprintln!("{line}");
+        match &self.board {
+            Some(b) => b.println(&line),
+            None => eprintln!("{line}"),
+        }
     }
 
+    /// A progress line without a terminal: at most one a second.
     fn progress(&mut self, line: &str) {
         let now = std::time::Instant::now();
-        let every = if self.tty {
-            Duration::from_millis(100)
-        } else {
-            Duration::from_secs(1)
-        };
         if self
             .last_progress
-            .is_some_and(|t| now.duration_since(t) < every)
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
         {
             return;
         }
         self.last_progress = Some(now);
-        let mut err = std::io::stderr().lock();
-        if self.tty {
-            let _ = write!(err, "\r\x1b[2K{line}");
-            let _ = err.flush();
-            self.drawn = true;
-        } else {
-            let _ = writeln!(err, "{line}");
-        }
+        eprintln!("{line}");
     }
 
-    /// Erases a progress line drawn in place.
+    /// Removes the progress bar before the final report.
     fn clear(&mut self) {
-        if self.drawn {
-            eprint!("\r\x1b[2K");
-            self.drawn = false;
+        if let Some(b) = self.board.as_mut() {
+            b.clear();
         }
     }
 }
@@ -1538,8 +1554,9 @@ fn follow_line(ev: &Event) -> Option<String> {
     }
 }
 
-/// One event in a line of words, from the data the server records with it.
-fn event_summary(ev: &Event) -> String {
+/// One event in a line of words, from the data the server records with it
+/// (also the dashboard's event trail).
+pub(crate) fn event_summary(ev: &Event) -> String {
     let d = &ev.data;
     let text = |k: &str| d.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
     let num = |k: &str| d.get(k).and_then(Value::as_u64);
@@ -1734,14 +1751,69 @@ async fn logs(args: LogsArgs, output: OutputFormat, client: &Client) -> Result<E
     let with_task = matches!(source, EventSource::Run(_));
     if args.follow {
         let after = args.after;
+        // On a terminal each running task gets a live bar on stderr; its
+        // progress events then stop printing as lines when stdout is that
+        // terminal too (a file or pipe still gets every line).
+        let board = if output == OutputFormat::Text {
+            Board::on_stderr()
+        } else {
+            None
+        };
+        let stdout_tty = std::io::stdout().is_terminal();
         call(client, move |c| {
-            c.follow_events(&source, after, &mut |item| match item {
-                Followed::Event(ev) => print_line(&log_line(ev, output, with_task)),
-                Followed::Reconnecting { error, delay } => eprintln!(
-                    "wasmtask: lost the event stream ({error}); reconnecting in {}",
-                    humantime::format_duration(delay)
-                ),
-            })
+            let mut board = board;
+            // Bars are labelled with the task's key in a run, else its plugin.
+            let labels: std::collections::HashMap<String, String> = match (&board, &source) {
+                (None, _) => Default::default(),
+                (Some(_), EventSource::Run(id)) => c
+                    .get_run(id)
+                    .map(|v| {
+                        v.tasks
+                            .into_iter()
+                            .map(|t| (t.id, t.spec.key.unwrap_or(t.plugin_name)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                (Some(_), EventSource::Task(id)) => c
+                    .get_task(id)
+                    .map(|t| [(t.id, t.plugin_name)].into_iter().collect())
+                    .unwrap_or_default(),
+            };
+            let result = c.follow_events(&source, after, &mut |item| match item {
+                Followed::Event(ev) => {
+                    let line = log_line(ev, output, with_task);
+                    match board.as_mut() {
+                        Some(b) => {
+                            if let Some(t) = &ev.task_id {
+                                let label = labels.get(t).map_or(short_id(t), String::as_str);
+                                b.event(ev, label);
+                            }
+                            if stdout_tty {
+                                if ev.kind != EventKind::TaskProgress {
+                                    b.suspend(|| print_line(&line));
+                                }
+                            } else {
+                                print_line(&line);
+                            }
+                        }
+                        None => print_line(&line),
+                    }
+                }
+                Followed::Reconnecting { error, delay } => {
+                    let line = format!(
+                        "wasmtask: lost the event stream ({error}); reconnecting in {}",
+                        humantime::format_duration(delay)
+                    );
+                    match &board {
+                        Some(b) => b.println(&line),
+                        None => eprintln!("{line}"),
+                    }
+                }
+            });
+            if let Some(b) = board.as_mut() {
+                b.clear();
+            }
+            result
         })
         .await??;
         return Ok(ExitCode::SUCCESS);
@@ -1759,6 +1831,11 @@ async fn logs(args: LogsArgs, output: OutputFormat, client: &Client) -> Result<E
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first characters of a task id, enough to tell tasks apart on a bar.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }
 
 /// A `409` answer to `cancel`/`abort`: the body as JSON for scripts, else a

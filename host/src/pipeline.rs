@@ -34,6 +34,7 @@ use crate::model::{
     DirSpec, Event, EventKind, Limits, RunState, RunSubmit, RunView, TaskState, TaskSubmit,
     WorkspaceAccess, WorkspaceCleanup, WorkspaceSpec,
 };
+use crate::progress::Board;
 use crate::service::{Cancel, Service, ServiceConfig, ServiceError};
 
 /// The manifest as written.
@@ -525,6 +526,17 @@ pub async fn run_local(
         view.tasks.len(),
         db_path.display()
     );
+    // On a terminal (text output) each running step gets a live bar on
+    // stderr, the lines scrolling above; otherwise plain lines.
+    let mut board = if output == OutputFormat::Text {
+        Board::on_stderr()
+    } else {
+        None
+    };
+    let say = |board: &Option<Board>, line: &str| match board {
+        Some(b) => b.println(line),
+        None => eprintln!("{line}"),
+    };
     let mut after = 0i64;
     let mut signals = 0u32;
     'follow: loop {
@@ -537,8 +549,11 @@ pub async fn run_local(
             after = ev.seq;
             // Progress goes to stderr whatever the output format: stdout
             // carries only the summary.
+            if let (Some(b), Some(task)) = (board.as_mut(), ev.task_id.as_ref()) {
+                b.event(ev, keys.get(task).map_or("", String::as_str));
+            }
             if let Some(line) = progress_line(ev, &keys) {
-                eprintln!("{line}");
+                say(&board, &line);
             }
             if ev.kind == EventKind::RunFinished {
                 break 'follow;
@@ -566,15 +581,20 @@ pub async fn run_local(
             grace_ms: if signals == 1 { None } else { Some(0) },
             wait: None,
         };
-        eprintln!(
-            "wasmtask: {sig}: aborting the pipeline{}",
-            if signals == 1 { "" } else { " (forced)" }
+        say(
+            &board,
+            &format!(
+                "wasmtask: {sig}: aborting the pipeline{}",
+                if signals == 1 { "" } else { " (forced)" }
+            ),
         );
         match svc.abort(&run_id, c).await {
             Ok(_) | Err(ServiceError::RunFinished(_)) => {}
             Err(e) => tracing::warn!(run = %run_id, error = %e, "abort failed"),
         }
     }
+    // The bars go before the summary.
+    drop(board);
     let view = svc.get_run(&run_id).await.map_err(service_error)?;
     svc.stop_accepting();
     print_summary(&view, output)?;

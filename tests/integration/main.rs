@@ -23,18 +23,27 @@
 //!   parallel and dependent steps, live output events, fail-fast, Ctrl+C
 //!   aborting spinning/sleeping/stdin-blocked steps, workspace access and
 //!   cleanup, bad manifests refused before anything runs.
+//! - `dashboard`: the operator dashboard: handler tests for every page and
+//!   fragment (escaping of guest text, paging, bad input), and end-to-end
+//!   tests in headless Chromium (live updates, cancel with a token, run
+//!   abort, disabled actions, screenshots). `browser` is its WebDriver client.
+//! - `progress`: the CLI's live progress bars on a pseudo-terminal
+//!   (`submit --follow`, `logs -f`, `pipeline run`), plain lines on a pipe.
 //! - `fixtures`: every plugin in `plugins/` is exercised by some test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod api;
+mod browser;
 mod cancel;
 mod cli;
 mod client;
 mod commands;
+mod dashboard;
 mod fixtures;
 mod limits;
 mod pipeline;
+mod progress;
 mod sandbox;
 mod server;
 mod server_support;
