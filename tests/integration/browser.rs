@@ -146,6 +146,19 @@ impl Browser {
     }
 
     fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
+        match self.try_raw(method, path, body) {
+            Ok(v) => v,
+            Err((status, v)) => panic!("WebDriver {method} {path}: {status} {v}"),
+        }
+    }
+
+    /// Like `raw`, but an error answer comes back as (status, value).
+    fn try_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, (u16, Value)> {
         let url = format!("{}{path}", self.base);
         let resp = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
@@ -159,15 +172,10 @@ impl Browser {
         let mut resp = resp.unwrap_or_else(|e| panic!("WebDriver {method} {path}: {e}"));
         let status = resp.status().as_u16();
         let v: Value = resp.body_mut().read_json().unwrap_or(Value::Null);
-        assert!(
-            status < 400,
-            "WebDriver {method} {path}: {status} {}",
-            v["value"]
-        );
-        if path == "/session" {
-            return v["value"].clone();
+        if status >= 400 {
+            return Err((status, v["value"].clone()));
         }
-        v["value"].clone()
+        Ok(v["value"].clone())
     }
 
     fn cmd(&self, method: &str, path: &str, body: Option<&Value>) -> Value {
@@ -243,13 +251,24 @@ impl Browser {
         el[ELEMENT].as_str().unwrap().to_owned()
     }
 
+    /// Clicks the first element matching `css`. Live fragments replace
+    /// elements under the test's feet: a click that finds its element gone
+    /// ("stale element reference") looks it up again.
     pub fn click(&self, css: &str) {
-        let el = self.find(css);
-        self.cmd(
-            "POST",
-            &format!("/element/{}/click", Browser::element_id(&el)),
-            Some(&json!({})),
-        );
+        for _ in 0..20 {
+            let el = self.find(css);
+            let path = format!(
+                "/session/{}/element/{}/click",
+                self.session,
+                Browser::element_id(&el)
+            );
+            match self.try_raw("POST", &path, Some(&json!({}))) {
+                Ok(_) => return,
+                Err((_, v)) if v["error"] == "stale element reference" => continue,
+                Err((status, v)) => panic!("WebDriver POST {path}: {status} {v}"),
+            }
+        }
+        panic!("`{css}` kept being replaced before it could be clicked");
     }
 
     /// Types `text` into the element (after clearing it).
