@@ -263,7 +263,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
             let _ = drained_tx.send(());
         });
     };
-    axum::serve(listener, router)
+    axum::serve(api::no_delay(listener), router)
         .with_graceful_shutdown(shutdown)
         .await
         .context("the server failed")?;

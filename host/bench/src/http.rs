@@ -53,7 +53,7 @@ pub async fn start(dir: &Path, max_running: usize) -> anyhow::Result<Server> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        let _ = axum::serve(api::no_delay(listener), router).await;
     });
     Ok(Server { base, svc })
 }
@@ -224,12 +224,17 @@ pub async fn throughput(
     let before = s.svc.db().write_stats();
     let t0 = Instant::now();
     let per = total / threads.max(1);
+    // All clients at once: each is a thread of its own, started here (an
+    // un-awaited `submit_many` would not start until awaited).
     let mut joins = Vec::new();
     for _ in 0..threads.max(1) {
-        joins.push(submit_many(&s.base, hello(), per));
+        let base = s.base.clone();
+        joins.push(tokio::spawn(async move {
+            submit_many(&base, hello(), per).await
+        }));
     }
     for j in joins {
-        j.await?;
+        j.await??;
     }
     let want = per * threads.max(1) + warm.len();
     wait_until_succeeded(&s, want).await?;

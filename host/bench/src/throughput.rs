@@ -115,7 +115,7 @@ async fn service(n: usize) -> anyhow::Result<(f64, Writes)> {
 }
 
 pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
-    let threads = 8;
+    let threads = 32;
     let api = runtime_api(scale.trivial).await?;
     let svc_n = scale.trivial_http.max(scale.trivial / 3);
     let (svc, svc_writes) = service(svc_n).await?;
