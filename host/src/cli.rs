@@ -829,8 +829,11 @@ async fn run(args: RunArgs, output: OutputFormat, db_path: &Path) -> Result<Exit
             tracing::warn!(task = %id, "cancel of an unknown task");
         }
     };
-    let _ = pump.await;
-    let record = db.finish(&id, exec::finish(report)).await?;
+    // The guest's last events, if the pump still held them, go with the end.
+    let tail = pump.await.unwrap_or_default();
+    let record = db
+        .finish_with_events(&id, exec::finish(report), tail)
+        .await?;
     report_record(&record, output)?;
     Ok(exit_status(&record))
 }

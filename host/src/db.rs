@@ -662,8 +662,25 @@ impl Db {
     /// Writes `task.cancel_acknowledged` / `task.cancel_forced` when a cancel
     /// stopped the guest, then the terminal event.
     pub async fn finish(&self, id: &str, f: Finish) -> Result<TaskRecord> {
+        self.finish_with_events(id, f, Vec::new()).await
+    }
+
+    /// [`Db::finish`], storing `events` (the guest's last, not yet stored)
+    /// first, in the same transaction.
+    pub async fn finish_with_events(
+        &self,
+        id: &str,
+        f: Finish,
+        events: Vec<NewEvent>,
+    ) -> Result<TaskRecord> {
         let id = id.to_owned();
-        self.write(move |conn| tasks::finish(conn, &id, &f)).await
+        self.write(move |conn| {
+            if !events.is_empty() {
+                events::append(conn, events)?;
+            }
+            tasks::finish(conn, &id, &f)
+        })
+        .await
     }
 
     /// Appends events in one transaction. `task.progress` events also set the

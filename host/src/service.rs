@@ -1382,7 +1382,14 @@ impl Service {
         };
         let started = Instant::now();
         let final_record = match self.start_guest(&record).await {
-            Ok(report) => {
+            Ok((report, mut tail)) => {
+                // The trail keeps the guest's own events before the release
+                // of its locks.
+                if !record.spec.locks.is_empty()
+                    && let Err(e) = self.inner.db.append_events(std::mem::take(&mut tail)).await
+                {
+                    tracing::warn!(task = %id, error = %e, "cannot store the guest's last events");
+                }
                 self.release_locks(&id, &record.spec.locks).await;
                 let finish = exec::finish(report);
                 if let Some(e) = &finish.error
@@ -1397,7 +1404,7 @@ impl Service {
                         .metrics
                         .observe_cancel_latency(Duration::from_micros(c.latency_us));
                 }
-                self.inner.db.finish(&id, finish).await?
+                self.inner.db.finish_with_events(&id, finish, tail).await?
             }
             Err(message) => {
                 self.release_locks(&id, &record.spec.locks).await;
@@ -1418,7 +1425,7 @@ impl Service {
     async fn start_guest(
         &self,
         record: &TaskRecord,
-    ) -> Result<wasmtask_runtime::TaskReport, String> {
+    ) -> Result<(wasmtask_runtime::TaskReport, Vec<NewEvent>), String> {
         let id = &record.id;
         let plugin = self.compiled(&record.plugin_id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(exec::EVENT_BUFFER);
@@ -1447,8 +1454,10 @@ impl Service {
             }
         }
         let report = running.wait().await;
-        let _ = pump.await;
-        Ok(report)
+        // The guest's last events, if the pump still held them: they are
+        // stored with the task's end.
+        let tail = pump.await.unwrap_or_default();
+        Ok((report, tail))
     }
 
     async fn release_locks(&self, id: &str, keys: &[String]) {
