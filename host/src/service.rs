@@ -1412,12 +1412,15 @@ impl Service {
                 self.inner.db.finish(&id, start_failed(message)).await?
             }
         };
-        self.announce_end(&final_record);
         self.inner.metrics.observe_task_duration(started.elapsed());
         tracing::info!(state = %final_record.state, "task ended");
+        // A run's progress (its end, fail-fast) is committed before anyone
+        // waiting for this task hears of its end: an abort that waits
+        // reports the run's outcome.
         if let Some(run_id) = &final_record.run_id {
             self.run_progress(run_id).await;
         }
+        self.announce_end(&final_record);
         Ok(())
     }
 
