@@ -176,7 +176,9 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         cpu_slots: cfg.runtime.cpu_slots,
         guest_nice: match cfg.runtime.guest_nice {
             Some(n) if !(0..=19).contains(&n) => {
-                return Err(usage(format!("runtime.guest_nice: {n} is not between 0 and 19")));
+                return Err(usage(format!(
+                    "runtime.guest_nice: {n} is not between 0 and 19"
+                )));
             }
             Some(n) => n,
             None => defaults.guest_nice,

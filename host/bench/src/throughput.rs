@@ -120,7 +120,8 @@ pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
     let svc_n = scale.trivial_http.max(scale.trivial / 3);
     let (svc, svc_writes) = service(svc_n).await?;
     let dir = tempfile::tempdir()?;
-    let (http, http_writes) = crate::http::throughput(dir.path(), scale.trivial_http, threads).await?;
+    let (http, http_writes) =
+        crate::http::throughput(dir.path(), scale.trivial_http, threads).await?;
     let procs = scale.processes;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let native =

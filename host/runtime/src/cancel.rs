@@ -34,8 +34,8 @@
 //!
 //! Timeouts take the same path as a forced cancel, with [`StopCause::Timeout`].
 
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;

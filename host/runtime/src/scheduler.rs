@@ -219,10 +219,7 @@ fn run(shared: &Shared) {
                 if q.stop {
                     return;
                 }
-                q = shared
-                    .ready
-                    .wait(q)
-                    .unwrap_or_else(PoisonError::into_inner);
+                q = shared.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
         };
         poll_job(shared, job);
@@ -242,8 +239,10 @@ fn poll_job(shared: &Shared, job: Arc<Job>) {
                 // A panicking guest driver is a bug; it must not take the
                 // thread (and every other guest) down with it. Its task's
                 // report channel closes, which `wait` reports.
-                catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(&mut cx).is_ready()))
-                    .unwrap_or(true)
+                catch_unwind(AssertUnwindSafe(|| {
+                    future.as_mut().poll(&mut cx).is_ready()
+                }))
+                .unwrap_or(true)
             }
             None => true,
         };

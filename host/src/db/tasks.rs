@@ -196,7 +196,9 @@ fn task_from_row(row: &Row<'_>) -> Result<TaskRecord> {
             stopped_at: row.get(col!("c_stopped_at"))?,
             acknowledged: row.get(col!("c_acknowledged"))?,
             forced: row.get(col!("c_forced"))?,
-            latency_us: row.get::<_, Option<i64>>(col!("c_latency_us"))?.map(from_sql_u64),
+            latency_us: row
+                .get::<_, Option<i64>>(col!("c_latency_us"))?
+                .map(from_sql_u64),
         }),
         None => None,
     };
@@ -943,11 +945,7 @@ mod column_tests {
             super::super::schema::open_writer(&path, &super::super::DbOptions::default()).unwrap();
         super::super::schema::migrate(&mut conn).unwrap();
         let statement = conn.prepare(SELECT_TASK).unwrap();
-        let names: Vec<String> = statement
-            .column_names()
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
+        let names: Vec<String> = statement.column_names().map(str::to_owned).collect();
         assert_eq!(names, TASK_COLUMNS.map(str::to_owned).to_vec());
         assert_eq!(col!("c_latency_us"), TASK_COLUMNS.len() - 1);
         assert_eq!(col!("stdout") + 1, col!("stdout_total"));
