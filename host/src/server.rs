@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 use tokio::signal::unix::{SignalKind, signal};
-use wasmtask_runtime::{Runtime, RuntimeConfig};
+use wasmtask_runtime::{GuestPriority, Runtime, RuntimeConfig};
 
 use crate::api::{self, ApiConfig};
 use crate::cli::CliError;
@@ -78,8 +78,8 @@ pub struct ShutdownConfig {
 pub struct RuntimeSection {
     /// Guests executing wasm at once (default: the number of CPUs).
     pub cpu_slots: Option<usize>,
-    /// `nice` value of the guest threads, 0–19 (default 10).
-    pub guest_nice: Option<i32>,
+    /// OS priority of the guest threads: "idle" (default), "low" or "normal".
+    pub guest_priority: Option<String>,
     /// Epoch tick in milliseconds (default 2).
     pub epoch_tick_ms: Option<u64>,
     /// Memory cap of tasks that name none (default 256 MiB).
@@ -174,15 +174,7 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
         cache_dir: Some(data_dir.join("cache")),
         max_concurrent: max_running,
         cpu_slots: cfg.runtime.cpu_slots,
-        guest_nice: match cfg.runtime.guest_nice {
-            Some(n) if !(0..=19).contains(&n) => {
-                return Err(usage(format!(
-                    "runtime.guest_nice: {n} is not between 0 and 19"
-                )));
-            }
-            Some(n) => n,
-            None => defaults.guest_nice,
-        },
+        guest_priority: guest_priority(cfg.runtime.guest_priority.as_deref()).map_err(usage)?,
         epoch_tick: cfg
             .runtime
             .epoch_tick_ms
@@ -273,6 +265,18 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `runtime.guest_priority`: "idle" (the default), "low" or "normal".
+fn guest_priority(v: Option<&str>) -> Result<GuestPriority, String> {
+    match v {
+        None | Some("idle") => Ok(GuestPriority::Idle),
+        Some("low") => Ok(GuestPriority::Low),
+        Some("normal") => Ok(GuestPriority::Normal),
+        Some(other) => Err(format!(
+            "runtime.guest_priority: `{other}` is not one of \"idle\", \"low\", \"normal\""
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +314,7 @@ mod tests {
             memory_ceiling_bytes = 2097152
             pooling = false
             capture_limit_bytes = 4096
+            guest_priority = "low"
             "#,
         )
         .unwrap();
@@ -317,6 +322,15 @@ mod tests {
         assert_eq!(c.shutdown.grace_ms, Some(2));
         assert_eq!(c.runtime.pooling, Some(false));
         assert!(c.builtin_fixtures);
+    }
+
+    #[test]
+    fn guest_priority_names_are_checked() {
+        assert_eq!(guest_priority(None), Ok(GuestPriority::Idle));
+        assert_eq!(guest_priority(Some("low")), Ok(GuestPriority::Low));
+        assert_eq!(guest_priority(Some("normal")), Ok(GuestPriority::Normal));
+        let e = guest_priority(Some("high")).unwrap_err();
+        assert!(e.contains("`high`") && e.contains("\"idle\""), "{e}");
     }
 
     #[test]

@@ -46,22 +46,16 @@ pub async fn part6(scale: &Scale) -> anyhow::Result<String> {
             ..RuntimeConfig::default()
         })?;
         let g = Guests::load(&rt).await?;
-        // Warm-up: one guest started and stopped.
+        // Warm-up: one guest started and stopped; its report tells the
+        // guest's linear memory size.
         let w = launch(&rt, &g, Work::Sleep).await?;
-        stop_all(vec![w]).await;
+        w.cancel.cancel("bench", Duration::ZERO);
+        let linear = w.done.await.map(|(_, r)| r.peak_memory).unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = rss_kib();
-        let mut lives: Vec<Live> = launch_many(&rt, &g, Work::Sleep, n).await?;
+        let lives: Vec<Live> = launch_many(&rt, &g, Work::Sleep, n).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let parked = rss_kib();
-        // One report tells the guest's linear memory size.
-        let linear = match lives.pop() {
-            Some(l) => {
-                l.cancel.cancel("bench", Duration::ZERO);
-                l.done.await.map(|(_, r)| r.peak_memory).unwrap_or(0)
-            }
-            None => 0,
-        };
         stop_all(lives).await;
         let per = parked.saturating_sub(before) as f64 / n as f64;
         writeln!(

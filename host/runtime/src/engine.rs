@@ -36,7 +36,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::host::{GuestCaps, StoreData, TaskPre};
-use crate::scheduler::GuestPool;
+use crate::scheduler::{GuestPool, GuestPriority};
 
 /// Every knob of the runtime, with its default.
 #[derive(Debug, Clone)]
@@ -49,10 +49,9 @@ pub struct RuntimeConfig {
     /// guest pool (see `scheduler.rs`). Default: the number of CPUs. More
     /// only adds contention; fewer leaves cores to the rest of the process.
     pub cpu_slots: Option<usize>,
-    /// The `nice` value of the guest threads (0–19; 0 leaves them at the
-    /// process's priority). The API, timers and the database then preempt
-    /// guests at once instead of waiting for a time slice. Default 10.
-    pub guest_nice: i32,
+    /// The OS priority of the guest threads (see [`GuestPriority`]).
+    /// Default [`GuestPriority::Idle`].
+    pub guest_priority: GuestPriority,
     /// Tasks that may be instantiated at once (running or parked). Further
     /// tasks wait for admission (still cancellable). Also sizes the pooling
     /// allocator. Default 1,000.
@@ -90,7 +89,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             epoch_tick: Duration::from_millis(2),
             cpu_slots: None,
-            guest_nice: 10,
+            guest_priority: GuestPriority::Idle,
             max_concurrent: 1000,
             pooling: true,
             default_max_memory: 256 << 20,
@@ -395,7 +394,7 @@ impl Runtime {
                 .unwrap_or(2)
         });
         let stop_ticker = Arc::new(AtomicBool::new(false));
-        let pool = GuestPool::new(slots, config.guest_nice.clamp(0, 19))?;
+        let pool = GuestPool::new(slots, config.guest_priority)?;
         let inner = Arc::new(RuntimeInner {
             pool,
             admission: Arc::new(Semaphore::new(config.max_concurrent.max(1))),

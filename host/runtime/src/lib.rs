@@ -36,6 +36,7 @@ pub use engine::{LoadError, Plugin, PluginKind, Runtime, RuntimeConfig};
 pub use host::{GuestCaps, GuestEvent};
 pub use limits::{LimitHit, LimitKind, TaskLimits};
 pub use sandbox::{Captured, Preopen, SandboxError, Stdin, Tee, WasiSpec};
+pub use scheduler::GuestPriority;
 pub use task::{
     CancelOutcome, GuestErrorKind, RunningTask, StartError, TaskEnd, TaskReport, TaskRequest,
 };

@@ -9,13 +9,14 @@
 //! than the rest of the process. The tokio runtime, which serves the API,
 //! drives timers and I/O and talks to SQLite, never executes wasm.
 //!
-//! - **Priority.** The guest threads run at `nice` +10 by default
-//!   ([`RuntimeConfig::guest_nice`](crate::RuntimeConfig)). When an API
-//!   request, a timer or the database writer needs a CPU that guests hold,
-//!   the kernel hands it over at once instead of letting a guest finish its
-//!   time slice: with guests and the API at the same priority, every hop of
-//!   an HTTP cancel waited for a slice (measured: 4 ms p50, 15 ms p99 for
-//!   cancel → committed with every core busy).
+//! - **Priority.** The guest threads run under `SCHED_IDLE` by default
+//!   ([`GuestPriority`]). When an API request, a timer or the database
+//!   writer needs a CPU that guests hold, the kernel hands it over at once
+//!   instead of letting a guest finish its time slice. With guests at the
+//!   API's priority every hop of an HTTP cancel waited for a slice (4.3 ms
+//!   p50, 14.6 ms p99 for cancel → committed with every core busy); at
+//!   `nice` +10 the kernel still let them finish theirs (2.1 ms p50), under
+//!   `SCHED_IDLE` it did not (0.8 ms p50; see BENCHMARKS.md).
 //! - **Time slicing.** A running guest's epoch deadline falls due every
 //!   ticker tick (a few ms). Its callback yields once ([`YieldOnce`]): the
 //!   poll returns, the guest goes to the back of the run queue, and the
@@ -150,10 +151,9 @@ impl Wake for Job {
 }
 
 impl GuestPool {
-    /// Starts `threads` guest threads (at least one) at `nice` (0 leaves the
-    /// priority alone; a nice value the process may not take is logged and
-    /// ignored).
-    pub fn new(threads: usize, nice: i32) -> std::io::Result<GuestPool> {
+    /// Starts `threads` guest threads (at least one) at `priority` (one the
+    /// process may not take is logged and ignored).
+    pub fn new(threads: usize, priority: GuestPriority) -> std::io::Result<GuestPool> {
         let threads = threads.max(1);
         let shared = Arc::new(Shared::default());
         for i in 0..threads {
@@ -161,7 +161,7 @@ impl GuestPool {
             std::thread::Builder::new()
                 .name(format!("wasmtask-guest-{i}"))
                 .spawn(move || {
-                    set_nice(nice);
+                    priority.apply();
                     run(&shared);
                 })?;
         }
@@ -265,29 +265,51 @@ fn poll_job(shared: &Shared, job: Arc<Job>) {
     }
 }
 
-/// Lowers this thread's priority (Linux: `setpriority` applies to the
-/// calling thread).
-fn set_nice(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: plain syscalls on the calling thread.
-        let (r, tid) = unsafe {
-            let tid = libc::gettid();
-            (
-                libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice),
-                tid,
-            )
-        };
-        if r != 0 {
-            tracing::warn!(
-                nice,
-                tid,
-                error = %std::io::Error::last_os_error(),
-                "cannot lower the priority of a guest thread; guests compete with the API"
-            );
+/// The OS priority guest threads run at, below the rest of the process so
+/// that the API, timers and the database always get a CPU first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestPriority {
+    /// `SCHED_IDLE`: guests get the CPU time nothing else in the process (or
+    /// on the machine) wants, and any other thread that wakes preempts them
+    /// at once. The default: the API's latency under load is what it is with
+    /// idle cores. On a machine shared with other busy work, guests can be
+    /// starved; choose [`GuestPriority::Low`] there.
+    #[default]
+    Idle,
+    /// `nice` +10: other threads get most of the CPU when they want it,
+    /// but a waking API thread may wait for a guest's time slice.
+    Low,
+    /// The process's own priority.
+    Normal,
+}
+
+impl GuestPriority {
+    /// Applies it to the calling thread (Linux; elsewhere a no-op).
+    fn apply(self) {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: plain syscalls on the calling thread (`setpriority` and
+            // `sched_setscheduler` with pid 0 or the caller's tid apply to
+            // that thread only).
+            let r = unsafe {
+                match self {
+                    GuestPriority::Normal => return,
+                    GuestPriority::Low => {
+                        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10)
+                    }
+                    GuestPriority::Idle => {
+                        let param = libc::sched_param { sched_priority: 0 };
+                        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param)
+                    }
+                }
+            };
+            if r != 0 {
+                tracing::warn!(
+                    priority = ?self,
+                    error = %std::io::Error::last_os_error(),
+                    "cannot lower the priority of a guest thread; guests compete with the API"
+                );
+            }
         }
     }
 }
@@ -382,7 +404,7 @@ mod tests {
     /// waits is not polled until it is woken.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn yielding_jobs_take_turns() {
-        let pool = GuestPool::new(1, 0).unwrap();
+        let pool = GuestPool::new(1, GuestPriority::Normal).unwrap();
         let order = Arc::new(Mutex::new(Vec::new()));
         let gate = Arc::new(tokio::sync::Barrier::new(4));
         let mut done = Vec::new();
@@ -417,7 +439,7 @@ mod tests {
     /// a spinner's own turn, so the order on the one thread is exact.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn an_urgent_wake_jumps_the_queue() {
-        let pool = GuestPool::new(1, 0).unwrap();
+        let pool = GuestPool::new(1, GuestPriority::Normal).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let turns = Arc::new(AtomicUsize::new(0));
         let woken_at = Arc::new(AtomicUsize::new(usize::MAX));
@@ -472,7 +494,7 @@ mod tests {
     /// A job that panics does not take its thread with it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_panicking_job_leaves_the_pool_running() {
-        let pool = GuestPool::new(1, 0).unwrap();
+        let pool = GuestPool::new(1, GuestPriority::Normal).unwrap();
         let crashed = spawn_on(&pool, Arc::default(), async {
             if true {
                 panic!("driver bug");
@@ -486,7 +508,7 @@ mod tests {
     /// Tokio timers work inside pool jobs (each poll enters the runtime).
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn jobs_can_use_tokio_timers() {
-        let pool = GuestPool::new(2, 0).unwrap();
+        let pool = GuestPool::new(2, GuestPriority::Normal).unwrap();
         let slept = spawn_on(&pool, Arc::default(), async {
             tokio::time::sleep(Duration::from_millis(10)).await;
             "woke"
