@@ -106,14 +106,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Puts `job` in the queue: at the front if it is urgent.
+    /// Puts `job` in the queue (at the front if it is urgent) and wakes an
+    /// idle thread for it.
     fn enqueue(&self, q: &mut Queue, job: Arc<Job>) {
+        self.push(q, job);
+        self.ready.notify_one();
+    }
+
+    fn push(&self, q: &mut Queue, job: Arc<Job>) {
         if job.urgent.load(Ordering::Acquire) {
             q.jobs.push_front(job);
         } else {
             q.jobs.push_back(job);
         }
-        self.ready.notify_one();
     }
 }
 
@@ -259,7 +264,13 @@ fn poll_job(shared: &Shared, job: Arc<Job>) {
     } else if *state == State::Notified {
         *state = State::Queued;
         drop(state);
-        shared.enqueue(&mut q, job);
+        // This thread takes the queue's head next; wake another only if
+        // there is more than that to run. (Waking one for a lone guest that
+        // yields its slice would move it to another core every tick.)
+        shared.push(&mut q, job);
+        if q.jobs.len() > 1 {
+            shared.ready.notify_one();
+        }
     } else {
         *state = State::Idle;
     }
