@@ -245,8 +245,8 @@ async fn a_second_cancel_without_grace_forces_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_spinning_guests_each_stop_on_cancel() {
-    // More guests than CPU slots: most are parked waiting for a slot when
-    // cancelled, some are executing.
+    // More guests than guest threads: most wait in the pool's run queue
+    // when cancelled, some are executing.
     let tasks: Vec<_> = (0..40)
         .map(|_| spawn(request("spin-loop", json!(null))))
         .collect();
