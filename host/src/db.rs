@@ -226,6 +226,14 @@ impl Default for DbOptions {
     }
 }
 
+/// A run as the dispatcher sees it ([`Db::run_gate`]): its record, and the
+/// state of each of its tasks by key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunGate {
+    pub run: RunRecord,
+    pub states: std::collections::HashMap<String, TaskState>,
+}
+
 /// A run's progress as counted in the database ([`Db::run_progress`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunProgress {
@@ -551,6 +559,13 @@ impl Db {
     pub async fn run_view(&self, id: &str) -> Result<Option<RunView>> {
         let id = id.to_owned();
         self.read(move |conn| runs::view(conn, &id)).await
+    }
+
+    /// A run and the state of each of its tasks by key, without decoding
+    /// the tasks (what starting a task with `needs` depends on).
+    pub async fn run_gate(&self, id: &str) -> Result<Option<RunGate>> {
+        let id = id.to_owned();
+        self.read(move |conn| runs::gate(conn, &id)).await
     }
 
     /// A run's state, its task counts and its first fail-fast-tripping task,

@@ -1241,25 +1241,26 @@ impl Service {
             .db
             .queued_for_dispatch(DISPATCH_BATCH, room, skip)
             .await?;
-        // Runs' task states, read once per pass.
-        let mut runs: HashMap<String, Option<RunView>> = HashMap::new();
+        // Runs' task states by key, read once per pass (without decoding
+        // the runs' tasks).
+        let mut runs: HashMap<String, Option<db::RunGate>> = HashMap::new();
         for task in queued {
             if lock(&self.inner.state).tasks.len() >= self.inner.cfg.max_running {
                 break;
             }
             if let Some(run_id) = task.run_id.clone() {
                 if !runs.contains_key(&run_id) {
-                    let view = self.inner.db.run_view(&run_id).await?;
-                    runs.insert(run_id.clone(), view);
+                    let gate = self.inner.db.run_gate(&run_id).await?;
+                    runs.insert(run_id.clone(), gate);
                 }
-                let Some(Some(view)) = runs.get(&run_id) else {
+                let Some(Some(gate)) = runs.get(&run_id) else {
                     continue;
                 };
-                if view.run.state != RunState::Running {
+                if gate.run.state != RunState::Running {
                     // Aborting: its queued tasks are being canceled.
                     continue;
                 }
-                match needs_status(&task, view) {
+                match needs_status(&task, gate) {
                     Needs::Met => {}
                     Needs::Waiting => continue,
                     Needs::Broken(reason) => {
@@ -1539,16 +1540,12 @@ enum Needs {
     Broken(String),
 }
 
-fn needs_status(task: &TaskRecord, view: &RunView) -> Needs {
+fn needs_status(task: &TaskRecord, gate: &db::RunGate) -> Needs {
     for need in &task.spec.needs {
-        let Some(dep) = view
-            .tasks
-            .iter()
-            .find(|t| t.spec.key.as_deref() == Some(need.as_str()))
-        else {
+        let Some(&state) = gate.states.get(need) else {
             return Needs::Broken(format!("needed task `{need}` does not exist"));
         };
-        match dep.state {
+        match state {
             TaskState::Succeeded => {}
             s if s.is_terminal() => {
                 return Needs::Broken(format!("needed task `{need}` ended {s}"));

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{
     DbError, MAX_ACTOR_BYTES, MAX_REASON_BYTES, NewRun, NewTask, Result, RunAbortDecision,
-    RunAbortRequest, RunFailure, RunProgress, events, from_sql_u64, tasks, truncate_utf8,
+    RunAbortRequest, RunFailure, RunGate, RunProgress, events, from_sql_u64, tasks, truncate_utf8,
 };
 use crate::model::{
     EventKind, NewEvent, RunAbort, RunRecord, RunState, RunView, TaskRecord, TaskState, UnixMillis,
@@ -93,6 +93,34 @@ pub(super) fn view(conn: &Connection, id: &str) -> Result<Option<RunView>> {
     };
     let tasks = tasks::of_run(&tx, id)?;
     Ok(Some(RunView { run, tasks }))
+}
+
+/// What the dispatcher needs to start a run's task, from one snapshot
+/// without decoding the run's tasks: the run, and each keyed task's state.
+pub(super) fn gate(conn: &Connection, id: &str) -> Result<Option<RunGate>> {
+    let tx = conn.unchecked_transaction()?;
+    let Some(run) = get(&tx, id)? else {
+        return Ok(None);
+    };
+    let mut states = std::collections::HashMap::new();
+    let mut statement = tx.prepare_cached(
+        "SELECT json_extract(spec, '$.key'), state, id FROM tasks
+         WHERE run_id = ?1 AND json_extract(spec, '$.key') IS NOT NULL",
+    )?;
+    let mut rows = statement.query([id])?;
+    while let Some(r) = rows.next()? {
+        let key: String = r.get(0)?;
+        let state: String = r.get(1)?;
+        let Some(state) = TaskState::parse(&state) else {
+            return Err(DbError::Corrupt {
+                id: r.get(2)?,
+                what: "task state",
+                detail: state,
+            });
+        };
+        states.insert(key, state);
+    }
+    Ok(Some(RunGate { run, states }))
 }
 
 /// What moving a run along needs, read in one snapshot without loading its

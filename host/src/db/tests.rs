@@ -1999,3 +1999,39 @@ async fn the_checkpointer_copies_commits_into_the_database_file() {
         .unwrap();
     assert_eq!(auto, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_gate_has_each_keyed_task_state() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let task = |key: Option<&str>| {
+        let mut t = new_task(&plugin);
+        t.run_id = Some("r_g".into());
+        t.spec.key = key.map(str::to_owned);
+        t
+    };
+    let (a, b, unkeyed) = (task(Some("a")), task(Some("b")), task(None));
+    db.insert_run(
+        new_run("r_g", 1),
+        vec![a.clone(), b.clone(), unkeyed.clone()],
+    )
+    .await
+    .unwrap();
+    db.mark_started(&a.id).await.unwrap();
+    db.finish(&a.id, outcome(TaskState::Succeeded))
+        .await
+        .unwrap();
+    let gate = db.run_gate("r_g").await.unwrap().unwrap();
+    assert_eq!(gate.run.id, "r_g");
+    assert_eq!(gate.run.state, RunState::Running);
+    let mut states: Vec<(String, TaskState)> = gate.states.into_iter().collect();
+    states.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(
+        states,
+        vec![
+            ("a".to_owned(), TaskState::Succeeded),
+            ("b".to_owned(), TaskState::Queued)
+        ]
+    );
+    assert_eq!(db.run_gate("r_none").await.unwrap(), None);
+}
