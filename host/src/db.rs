@@ -31,7 +31,8 @@
 //! - **Reads run beside the writer.** WAL mode lets readers see the last
 //!   committed state while the writer works. Reads run on
 //!   `tokio::task::spawn_blocking` with a small pool of read-only
-//!   connections (`db/readers.rs`). A task row and its cancel record are read in
+//!   connections (`db/readers.rs`); at most [`DbOptions::readers`] run at
+//!   once, the rest wait for a connection. A task row and its cancel record are read in
 //!   one statement (a join), so they are always consistent with each other.
 //! - **One row per task** holds its *current* attempt. `mark_started` clears
 //!   the previous attempt's outcome fields; the event trail keeps the history.
@@ -45,7 +46,8 @@
 //! loses no acknowledged submission*. In WAL mode a commit appends the
 //! transaction to the `-wal` file with `write(2)` before `COMMIT` returns;
 //! with `synchronous = NORMAL` SQLite skips the `fsync` at each commit and
-//! syncs only at checkpoints. Once `write(2)` returned, the data is in the
+//! syncs only at checkpoints — which run on a thread of their own
+//! (`db/checkpoint.rs`), never inside a commit on the writer. Once `write(2)` returned, the data is in the
 //! kernel's page cache, which survives the death of the process (SIGKILL, OOM
 //! kill, abort): the next open replays the WAL. So a process kill loses
 //! nothing that was acknowledged. What `NORMAL` does **not** survive is a

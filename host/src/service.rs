@@ -155,7 +155,7 @@ struct Entry {
     /// A cancel that arrived before the handle existed: (reason, grace).
     pending: Option<(String, Duration)>,
     /// Set once the task ended here: with its final record as committed
-    /// (`None` inside when it ended without one, e.g. not startable).
+    /// (`None` inside when an error left it unknown).
     done: watch::Sender<Option<Ended>>,
 }
 
@@ -1315,7 +1315,10 @@ impl Service {
         let id = task.id.clone();
         let span =
             tracing::info_span!("task", task = %id, plugin = %task.plugin_name, run = ?task.run_id);
-        let _ = tracing::Instrument::instrument(self.clone().execute_inner(task), span).await;
+        let ended = tracing::Instrument::instrument(self.clone().execute_inner(task), span)
+            .await
+            .ok()
+            .flatten();
         // Whatever happened, this process no longer runs it.
         let (locks, entry) = {
             let mut st = lock(&self.inner.state);
@@ -1337,30 +1340,14 @@ impl Service {
             tracing::debug!(task = %id, "locks released after the task ended");
         }
         if let Some(e) = entry {
-            e.done.send_if_modified(|d| {
-                let first = d.is_none();
-                if first {
-                    *d = Some(Ended(None));
-                }
-                first
-            });
+            e.done.send_replace(Some(Ended(ended.map(Arc::new))));
         }
         self.inner.wake.notify_one();
     }
 
-    /// Tells whoever waits for this task's end (a cancel with `wait_ms`) as
-    /// soon as its final state is committed, with the record.
-    fn announce_end(&self, record: &TaskRecord) {
-        let st = lock(&self.inner.state);
-        if let Some(e) = st.tasks.get(&record.id)
-            && e.done.receiver_count() > 0
-        {
-            e.done
-                .send_replace(Some(Ended(Some(Arc::new(record.clone())))));
-        }
-    }
-
-    async fn execute_inner(self, task: TaskRecord) -> Result<()> {
+    /// One attempt; returns the task's record as committed at its end (and
+    /// its run's progress), or `None` when an error left it unknown.
+    async fn execute_inner(self, task: TaskRecord) -> Result<Option<TaskRecord>> {
         let id = task.id.clone();
         if !task.spec.locks.is_empty() {
             let events = task
@@ -1374,24 +1361,19 @@ impl Service {
         let record = match self.inner.db.mark_started(&id).await? {
             StartDecision::Started(r) => r,
             StartDecision::NotStartable(r) => {
-                self.release_locks(&id, &task.spec.locks).await;
+                self.release_locks(&id, &task.spec.locks, Vec::new()).await;
                 if let Some(run_id) = &r.run_id {
                     self.run_progress(run_id).await;
                 }
-                return Ok(());
+                return Ok(Some(r));
             }
         };
         let started = Instant::now();
         let final_record = match self.start_guest(&record).await {
-            Ok((report, mut tail)) => {
-                // The trail keeps the guest's own events before the release
-                // of its locks.
-                if !record.spec.locks.is_empty()
-                    && let Err(e) = self.inner.db.append_events(std::mem::take(&mut tail)).await
-                {
-                    tracing::warn!(task = %id, error = %e, "cannot store the guest's last events");
-                }
-                self.release_locks(&id, &record.spec.locks).await;
+            Ok((report, tail)) => {
+                // The guest's last events go with its locks' release, or else
+                // with its end.
+                let tail = self.release_locks(&id, &record.spec.locks, tail).await;
                 let finish = exec::finish(report);
                 if let Some(e) = &finish.error
                     && e.kind == ErrorKind::Trap
@@ -1408,7 +1390,8 @@ impl Service {
                 self.inner.db.finish_with_events(&id, finish, tail).await?
             }
             Err(message) => {
-                self.release_locks(&id, &record.spec.locks).await;
+                self.release_locks(&id, &record.spec.locks, Vec::new())
+                    .await;
                 tracing::warn!(task = %id, "cannot start: {message}");
                 self.inner.db.finish(&id, start_failed(message)).await?
             }
@@ -1416,13 +1399,12 @@ impl Service {
         self.inner.metrics.observe_task_duration(started.elapsed());
         tracing::info!(state = %final_record.state, "task ended");
         // A run's progress (its end, fail-fast) is committed before anyone
-        // waiting for this task hears of its end: an abort that waits
-        // reports the run's outcome.
+        // waiting for this task hears of its end (`execute` tells them): an
+        // abort that waits reports the run's outcome.
         if let Some(run_id) = &final_record.run_id {
             self.run_progress(run_id).await;
         }
-        self.announce_end(&final_record);
-        Ok(())
+        Ok(Some(final_record))
     }
 
     /// Compiles (if needed) and spawns the guest, then waits for it.
@@ -1464,14 +1446,23 @@ impl Service {
         Ok((report, tail))
     }
 
-    async fn release_locks(&self, id: &str, keys: &[String]) {
+    /// Releases the task's locks and records it, after `events` (the
+    /// guest's last) in the same write. Returns `events` untouched when the
+    /// task held no locks (nothing is written then).
+    async fn release_locks(
+        &self,
+        id: &str,
+        keys: &[String],
+        events: Vec<NewEvent>,
+    ) -> Vec<NewEvent> {
         if keys.is_empty() {
-            return;
+            return events;
         }
-        let events = keys
-            .iter()
-            .map(|k| NewEvent::task(id, EventKind::TaskLockReleased, json!({"lock": k})))
-            .collect();
+        let mut events = events;
+        events.extend(
+            keys.iter()
+                .map(|k| NewEvent::task(id, EventKind::TaskLockReleased, json!({"lock": k}))),
+        );
         if let Err(e) = self.inner.db.append_events(events).await {
             tracing::warn!(task = %id, error = %e, "cannot record released locks");
         }
@@ -1484,6 +1475,7 @@ impl Service {
             }
         }
         self.inner.wake.notify_one();
+        Vec::new()
     }
 
     // -----------------------------------------------------------------

@@ -52,16 +52,17 @@ fn warm_cache() {
     });
 }
 
-/// A service and its router over a fresh database.
-struct Api {
-    router: Router,
-    svc: Service,
+/// A service and its router over a fresh database (the dashboard tests use
+/// it too).
+pub(crate) struct Api {
+    pub(crate) router: Router,
+    pub(crate) svc: Service,
     /// The one host directory tasks may share (canonical).
     allowed: PathBuf,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
 }
 
-async fn start() -> Api {
+pub(crate) async fn start() -> Api {
     start_with(None).await
 }
 

@@ -16,7 +16,6 @@
 //! laptop and a narrow width go to `<target>/test-artifacts/`.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -25,11 +24,8 @@ use axum::http::{HeaderMap, Request, StatusCode, header};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use wasmtask::api::{self, ApiConfig};
-use wasmtask::db::Db;
 use wasmtask::model::{EventKind, NewEvent};
-use wasmtask::service::{Service, ServiceConfig};
-use wasmtask_runtime::{Runtime, RuntimeConfig};
+use wasmtask::service::Service;
 
 use crate::browser::{Browser, artifacts_dir};
 use crate::server_support::{Server, fixtures_config};
@@ -40,63 +36,19 @@ const PATIENCE: Duration = Duration::from_secs(90);
 // In-process harness
 // ---------------------------------------------------------------------
 
-fn runtime_config() -> RuntimeConfig {
-    RuntimeConfig {
-        cache_dir: Some(std::env::temp_dir().join("wasmtask-test-cache-dashboard")),
-        max_concurrent: 16,
-        capture_limit: 64 * 1024,
-        ..RuntimeConfig::default()
-    }
-}
-
-/// Compiles the built-in plugins into this module's cache once, before any
-/// test's runtime reads it.
-fn warm_cache() {
-    static WARM: OnceLock<()> = OnceLock::new();
-    WARM.get_or_init(|| {
-        let rt = Runtime::new(runtime_config()).unwrap();
-        for p in wasmtask::builtin::PLUGINS {
-            rt.load(p.bytes).unwrap();
-        }
-    });
-}
-
 struct Dash {
     router: Router,
     svc: Service,
     _dir: tempfile::TempDir,
 }
 
+/// The API tests' service and router over a fresh database.
 async fn start() -> Dash {
-    tokio::task::block_in_place(warm_cache);
-    let dir = tempfile::tempdir().unwrap();
-    let rt = Runtime::new(runtime_config()).unwrap();
-    let db = Db::open(&dir.path().join("wasmtask.db")).await.unwrap();
-    let svc = Service::start(
-        rt,
-        db,
-        ServiceConfig {
-            allowed_dirs: vec![],
-            max_running: 16,
-            plugin_dir: dir.path().join("plugins"),
-            builtin_fixtures: true,
-            workspace_dir: dir.path().join("workspaces"),
-        },
-    )
-    .await
-    .unwrap();
-    let router = api::router(
-        svc.clone(),
-        ApiConfig {
-            token: None,
-            max_body_bytes: api::DEFAULT_MAX_BODY_BYTES,
-            max_plugin_bytes: api::DEFAULT_MAX_PLUGIN_BYTES,
-        },
-    );
+    let api = crate::api::start().await;
     Dash {
-        router,
-        svc,
-        _dir: dir,
+        router: api.router,
+        svc: api.svc,
+        _dir: api.dir,
     }
 }
 

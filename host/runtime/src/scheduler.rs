@@ -353,6 +353,9 @@ impl Future for YieldOnce {
 pub struct Urgent<'a, F> {
     inner: Pin<Box<F>>,
     flag: &'a Arc<AtomicBool>,
+    /// The waker last given to `inner`, built for the task waker beside it
+    /// (rebuilt only when the task's waker changes).
+    waker: Option<(Waker, Waker)>,
 }
 
 impl<'a, F> Urgent<'a, F> {
@@ -360,6 +363,7 @@ impl<'a, F> Urgent<'a, F> {
         Urgent {
             inner: Box::pin(inner),
             flag,
+            waker: None,
         }
     }
 }
@@ -383,13 +387,25 @@ impl Wake for UrgentWake {
 impl<F: Future> Future for Urgent<'_, F> {
     type Output = F::Output;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let waker = Waker::from(Arc::new(UrgentWake {
-            flag: Arc::clone(self.flag),
-            inner: cx.waker().clone(),
-        }));
-        let mut inner_cx = Context::from_waker(&waker);
-        self.inner.as_mut().poll(&mut inner_cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        if this
+            .waker
+            .as_ref()
+            .is_some_and(|(task, _)| !task.will_wake(cx.waker()))
+        {
+            this.waker = None;
+        }
+        let flag = this.flag;
+        let (_, ours) = this.waker.get_or_insert_with(|| {
+            let ours = Waker::from(Arc::new(UrgentWake {
+                flag: Arc::clone(flag),
+                inner: cx.waker().clone(),
+            }));
+            (cx.waker().clone(), ours)
+        });
+        let mut inner_cx = Context::from_waker(ours);
+        this.inner.as_mut().poll(&mut inner_cx)
     }
 }
 
