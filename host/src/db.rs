@@ -409,11 +409,14 @@ pub struct Recovery {
 pub struct WriteStats {
     /// Transactions committed.
     pub batches: u64,
-    /// Jobs in committed transactions (including jobs that failed and were
-    /// rolled back to their savepoint).
+    /// Jobs in committed transactions (including jobs that failed, whose
+    /// changes were undone).
     pub jobs: u64,
     /// Transactions that failed as a whole.
     pub failed_batches: u64,
+    /// Transactions rolled back and run again with a savepoint per job,
+    /// because a job failed after changing rows.
+    pub redone_batches: u64,
     /// Jobs waiting for the writer right now.
     pub queued: usize,
 }
@@ -477,14 +480,16 @@ impl Db {
         let (opened, last_seq) = opened;
         let stats = Arc::new(writer::Stats::default());
         let last_seq = Arc::new(watch::Sender::new(last_seq));
+        let pause = Arc::new(writer::Pause::default());
         let sender = writer::spawn(
             opened,
             options.write_queue.max(1),
             stats.clone(),
             last_seq.clone(),
+            pause.clone(),
         )?;
         let readers = Arc::new(readers::Readers::new(path.clone(), &options));
-        let checkpointer = checkpoint::spawn(path.clone(), &options)?;
+        let checkpointer = checkpoint::spawn(path.clone(), &options, pause)?;
         Ok(Db {
             inner: Arc::new(Inner {
                 _checkpointer: checkpointer,
@@ -545,7 +550,7 @@ impl Db {
     /// duplicate task id or an existing run id stores none of it. When this
     /// returns, the run is durable; the tasks come back in the order given.
     pub async fn insert_run(&self, run: NewRun, tasks: Vec<NewTask>) -> Result<RunView> {
-        self.write(move |conn| runs::insert(conn, &run, tasks))
+        self.write(move |conn| runs::insert(conn, &run, &tasks))
             .await
     }
 
@@ -693,7 +698,7 @@ impl Db {
         let id = id.to_owned();
         self.write(move |conn| {
             if !events.is_empty() {
-                events::append(conn, events)?;
+                events::append(conn, &events)?;
             }
             tasks::finish(conn, &id, &f)
         })
@@ -711,7 +716,7 @@ impl Db {
         if events.is_empty() {
             return Ok(());
         }
-        self.write(move |conn| events::append(conn, events)).await
+        self.write(move |conn| events::append(conn, &events)).await
     }
 
     pub async fn get_task(&self, id: &str) -> Result<Option<TaskRecord>> {
@@ -783,12 +788,14 @@ impl Db {
         self.write(tasks::recover).await
     }
 
-    /// Runs `work` in the writer's transaction, inside its own savepoint, and
-    /// returns its result once the transaction committed.
+    /// Runs `work` in the writer's transaction and returns its result once
+    /// the transaction committed. If `work` fails, its changes are undone;
+    /// `work` may run more than once (see `writer`): only the run that was
+    /// committed is answered.
     async fn write<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnMut(&Connection) -> Result<T> + Send + 'static,
     {
         self.enqueue(work).await?.await
     }
@@ -801,7 +808,7 @@ impl Db {
     ) -> Result<impl std::future::Future<Output = Result<T>> + use<T, F>>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnMut(&Connection) -> Result<T> + Send + 'static,
     {
         let (reply, response) = oneshot::channel();
         self.inner

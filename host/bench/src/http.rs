@@ -216,13 +216,13 @@ pub async fn throughput(
     dir: &Path,
     total: usize,
     threads: usize,
-) -> anyhow::Result<(f64, crate::throughput::Writes)> {
+) -> anyhow::Result<(crate::throughput::Rate, crate::throughput::Writes)> {
     let s = start(dir, 1000).await?;
     // Warm the compile cache, so compilation is not part of the figure.
     let warm = submit_many(&s.base, hello(), 1).await?;
     wait_count(&s.base, "succeeded", warm.len(), Duration::from_secs(120)).await?;
     let before = s.svc.db().write_stats();
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), crate::stats::process_cpu());
     let per = total / threads.max(1);
     // All clients at once: each is a thread of its own, started here (an
     // un-awaited `submit_many` would not start until awaited).
@@ -238,7 +238,7 @@ pub async fn throughput(
     }
     let want = per * threads.max(1) + warm.len();
     wait_until_succeeded(&s, want).await?;
-    let rate = (want - warm.len()) as f64 / t0.elapsed().as_secs_f64();
+    let rate = crate::throughput::Rate::since(want - warm.len(), t0, cpu0);
     let writes = crate::throughput::Writes::since(s.svc.db(), &before);
     s.stop().await;
     Ok((rate, writes))

@@ -7,6 +7,7 @@
 //! or blocks reading its stdin.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -178,17 +179,25 @@ pub fn stop_latency(
 }
 
 /// Trivial processes spawned and reaped per second, `threads` at a time.
-pub fn spawn_rate(total: usize, threads: usize) -> anyhow::Result<f64> {
-    let exe = std::env::current_exe().context("cannot find the bench binary")?;
+/// Spawns and reaps `total` processes running `program args`, `threads` at
+/// a time. The CPU time per task counts the parent's and the children's.
+pub fn spawn_rate(
+    program: &Path,
+    args: &[&str],
+    total: usize,
+    threads: usize,
+) -> anyhow::Result<crate::throughput::Rate> {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let cpu0 = crate::stats::process_cpu() + crate::stats::children_cpu();
     let t0 = Instant::now();
     let per = total.div_ceil(threads.max(1));
     let handles: Vec<_> = (0..threads.max(1))
         .map(|_| {
-            let exe = exe.clone();
+            let (program, args) = (program.to_path_buf(), args.clone());
             std::thread::spawn(move || -> anyhow::Result<()> {
                 for _ in 0..per {
-                    let st = Command::new(&exe)
-                        .args(["--child", "exit"])
+                    let st = Command::new(&program)
+                        .args(&args)
                         .stdin(Stdio::null())
                         .stdout(Stdio::null())
                         .stderr(Stdio::null())
@@ -205,5 +214,10 @@ pub fn spawn_rate(total: usize, threads: usize) -> anyhow::Result<f64> {
         h.join()
             .map_err(|_| anyhow::anyhow!("a spawner thread panicked"))??;
     }
-    Ok((per * threads.max(1)) as f64 / t0.elapsed().as_secs_f64())
+    let n = per * threads.max(1);
+    let cpu = crate::stats::process_cpu() + crate::stats::children_cpu() - cpu0;
+    Ok(crate::throughput::Rate {
+        per_s: n as f64 / t0.elapsed().as_secs_f64(),
+        cpu_per_task: cpu / n.max(1) as u32,
+    })
 }

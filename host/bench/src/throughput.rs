@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use serde_json::json;
@@ -14,16 +14,33 @@ use wasmtask::model::TaskSubmit;
 use wasmtask_runtime::{TaskEnd, TaskLimits, TaskRequest, WasiSpec};
 
 use crate::Scale;
-use crate::stats::count;
+use crate::stats::{count, dur, process_cpu};
 
 const IN_FLIGHT: usize = 256;
 
-async fn runtime_api(n: usize) -> anyhow::Result<f64> {
+/// Tasks per second, and the process's CPU time per task (every thread).
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub per_s: f64,
+    pub cpu_per_task: Duration,
+}
+
+impl Rate {
+    /// `n` tasks done since `t0`, with the process at `cpu0` CPU time then.
+    pub fn since(n: usize, t0: Instant, cpu0: Duration) -> Rate {
+        Rate {
+            per_s: n as f64 / t0.elapsed().as_secs_f64(),
+            cpu_per_task: (process_cpu().saturating_sub(cpu0)) / n.max(1) as u32,
+        }
+    }
+}
+
+async fn runtime_api(n: usize) -> anyhow::Result<Rate> {
     let rt = crate::bench_runtime(IN_FLIGHT + 16)?;
     let plugin = crate::load(&rt, "hello").await?;
     let gate = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut set = tokio::task::JoinSet::new();
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), process_cpu());
     for _ in 0..n {
         let permit = Arc::clone(&gate).acquire_owned().await?;
         let task = rt.spawn(TaskRequest {
@@ -46,7 +63,7 @@ async fn runtime_api(n: usize) -> anyhow::Result<f64> {
     while let Some(r) = set.join_next().await {
         check(r?)?;
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok(Rate::since(n, t0, cpu0))
 }
 
 fn check(end: TaskEnd) -> anyhow::Result<()> {
@@ -80,7 +97,7 @@ impl Writes {
     }
 }
 
-async fn service(n: usize) -> anyhow::Result<(f64, Writes)> {
+async fn service(n: usize) -> anyhow::Result<(Rate, Writes)> {
     let dir = tempfile::tempdir()?;
     let s = crate::http::start(dir.path(), 1000).await?;
     let submit: TaskSubmit =
@@ -89,7 +106,7 @@ async fn service(n: usize) -> anyhow::Result<(f64, Writes)> {
     s.svc.submit(&submit).await?;
     crate::http::wait_until_succeeded(&s, 1).await?;
     let before = s.svc.db().write_stats();
-    let t0 = Instant::now();
+    let (t0, cpu0) = (Instant::now(), process_cpu());
     let gate = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
@@ -108,10 +125,19 @@ async fn service(n: usize) -> anyhow::Result<(f64, Writes)> {
         r??;
     }
     crate::http::wait_until_succeeded(&s, n + 1).await?;
-    let rate = n as f64 / t0.elapsed().as_secs_f64();
+    let rate = Rate::since(n, t0, cpu0);
     let writes = Writes::since(s.svc.db(), &before);
     s.stop().await;
     Ok((rate, writes))
+}
+
+/// The smallest native program to spawn as the lower bound of a process
+/// per task: `true` from coreutils, if the machine has it.
+fn smallest_program() -> Option<std::path::PathBuf> {
+    ["/usr/bin/true", "/bin/true"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
 }
 
 pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
@@ -124,34 +150,63 @@ pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
         crate::http::throughput(dir.path(), scale.trivial_http, threads).await?;
     let procs = scale.processes;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let native =
-        tokio::task::spawn_blocking(move || crate::native::spawn_rate(procs, cores)).await??;
+    let exe = std::env::current_exe()?;
+    let native = tokio::task::spawn_blocking(move || {
+        crate::native::spawn_rate(&exe, &["--child", "exit"], procs, cores)
+    })
+    .await??;
+    let smallest = match smallest_program() {
+        Some(program) => Some(
+            tokio::task::spawn_blocking(move || {
+                crate::native::spawn_rate(&program, &[], procs, cores)
+            })
+            .await??,
+        ),
+        None => None,
+    };
+    let exe_mib = std::fs::metadata(std::env::current_exe()?)?.len() as f64 / (1 << 20) as f64;
     let mut md = String::new();
     writeln!(md, "### 5. Throughput of trivial tasks\n")?;
     writeln!(
         md,
         "`hello` (parse a small JSON input, return a small JSON output). Runtime API: \
          `Runtime::spawn` + `wait`, {IN_FLIGHT} in flight, {} tasks. Task service: \
-         `Service::submit` in-process, {IN_FLIGHT} in flight, until every task is committed \
-         `succeeded`. HTTP: {threads} client threads with keep-alive `POST /v1/tasks`, {} tasks, \
-         timed until the last `succeeded` is committed. Baseline: {procs} native processes \
-         (this binary, exiting at once) spawned and reaped, {cores} at a time.\n",
+         `Service::submit` in-process, {IN_FLIGHT} in flight, {} tasks, until every task is \
+         committed `succeeded`. HTTP: {threads} client threads with keep-alive `POST /v1/tasks`, \
+         {} tasks, timed until the last `succeeded` is committed (the clients run in this \
+         process, so their CPU time is counted). Baselines: {procs} native processes spawned \
+         and reaped, {cores} at a time: this bench binary ({exe_mib:.0} MiB, exiting at once) \
+         and `true` (the smallest program there is). CPU per task: user + system time of the \
+         whole process (and of the children, for processes) during the measurement, divided \
+         by the tasks.\n",
         count(scale.trivial as f64),
+        count(svc_n as f64),
         count(scale.trivial_http as f64),
     )?;
-    writeln!(md, "| path | tasks/s | vs process per task |")?;
-    writeln!(md, "|---|---:|---:|")?;
-    for (label, rate) in [
+    writeln!(
+        md,
+        "| path | tasks/s | CPU per task | vs the bench binary per task | vs `true` per task |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    let mut rows = vec![
         ("runtime API (in-process, no database)", api),
         ("task service in-process (durable in SQLite)", svc),
         ("**HTTP end to end (durable in SQLite)**", http),
-        ("native process per task (spawn + wait)", native),
-    ] {
+        ("native process per task: the bench binary", native),
+    ];
+    if let Some(smallest) = smallest {
+        rows.push(("native process per task: `true`", smallest));
+    }
+    for (label, rate) in rows {
+        let vs_smallest = smallest.map_or("—".to_owned(), |s| {
+            format!("×{:.1}", rate.per_s / s.per_s.max(1e-9))
+        });
         writeln!(
             md,
-            "| {label} | {} | ×{:.1} |",
-            count(rate),
-            rate / native.max(1e-9)
+            "| {label} | {} | {} | ×{:.1} | {vs_smallest} |",
+            count(rate.per_s),
+            dur(rate.cpu_per_task),
+            rate.per_s / native.per_s.max(1e-9)
         )?;
     }
     writeln!(

@@ -23,13 +23,18 @@ pub const MAX_EVENTS_PAGE: usize = 1000;
 
 /// Stores one event (bounded) and returns its `seq`.
 pub(super) fn insert(conn: &Connection, event: &NewEvent) -> Result<i64> {
+    insert_in_run(conn, event, event.run_id.as_deref())
+}
+
+/// [`insert`] with `run_id` in place of the event's own.
+fn insert_in_run(conn: &Connection, event: &NewEvent, run_id: Option<&str>) -> Result<i64> {
     let data = bounded_data(&event.data)?;
     conn.prepare_cached(
         "INSERT INTO events (task_id, run_id, kind, at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
         event.task_id,
-        event.run_id,
+        run_id,
         event.kind.as_str(),
         event.at,
         data
@@ -59,19 +64,20 @@ fn is_reserved(kind: EventKind) -> bool {
 
 /// `append_events`: stores `events` in order, applying progress and
 /// checkpoints to their (non-terminal) task.
-pub(super) fn append(conn: &Connection, events: Vec<NewEvent>) -> Result<()> {
-    for mut event in events {
+pub(super) fn append(conn: &Connection, events: &[NewEvent]) -> Result<()> {
+    for event in events {
+        let mut run_id = event.run_id.clone();
         if is_reserved(event.kind) {
             return Err(DbError::ReservedEvent {
                 kind: event.kind.as_str(),
             });
         }
         if let Some(task_id) = event.task_id.as_deref() {
-            let Some((state, run_id)) = tasks::state_and_run(conn, task_id)? else {
+            let Some((state, task_run_id)) = tasks::state_and_run(conn, task_id)? else {
                 return Err(DbError::TaskNotFound(task_id.to_owned()));
             };
-            if event.run_id.is_none() {
-                event.run_id = run_id;
+            if run_id.is_none() {
+                run_id = task_run_id;
             }
             if !state.is_terminal() {
                 match event.kind {
@@ -93,7 +99,7 @@ pub(super) fn append(conn: &Connection, events: Vec<NewEvent>) -> Result<()> {
         {
             return Err(DbError::RunNotFound(run_id.to_owned()));
         }
-        insert(conn, &event)?;
+        insert_in_run(conn, event, run_id.as_deref())?;
     }
     Ok(())
 }

@@ -248,7 +248,7 @@ fn run_event(run_id: &str, kind: EventKind, at: UnixMillis, data: serde_json::Va
 
 /// The run, its `run.created` event, then each task with its `task.queued`
 /// event. The caller's savepoint makes it all or nothing.
-pub(super) fn insert(conn: &Connection, run: &NewRun, new_tasks: Vec<NewTask>) -> Result<RunView> {
+pub(super) fn insert(conn: &Connection, run: &NewRun, new_tasks: &[NewTask]) -> Result<RunView> {
     if exists(conn, &run.id)? {
         return Err(DbError::RunExists(run.id.clone()));
     }
@@ -272,8 +272,11 @@ pub(super) fn insert(conn: &Connection, run: &NewRun, new_tasks: Vec<NewTask>) -
         ),
     )?;
     let mut records: Vec<TaskRecord> = Vec::with_capacity(new_tasks.len());
-    for mut task in new_tasks {
-        task.run_id = Some(run.id.clone());
+    for task in new_tasks {
+        let task = NewTask {
+            run_id: Some(run.id.clone()),
+            ..task.clone()
+        };
         records.push(tasks::insert(conn, &task)?);
     }
     Ok(RunView {

@@ -1152,23 +1152,7 @@ async fn a_failing_job_does_not_roll_back_its_batch() {
     let (_dir, db) = open_temp().await;
     let plugin = add_plugin(&db, "echo").await;
     let victim = running(&db, &plugin).await;
-
-    // Hold the writer inside a job so the next jobs queue up and are drained
-    // into one batch when it is released.
-    let (entered_tx, entered) = tokio::sync::oneshot::channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let gate = tokio::spawn({
-        let db = db.clone();
-        async move {
-            db.write(move |_| {
-                let _ = entered_tx.send(());
-                let _ = release_rx.recv();
-                Ok(())
-            })
-            .await
-        }
-    });
-    entered.await.unwrap();
+    let (gate, release) = hold_writer(&db).await;
 
     let inserts: Vec<_> = (0..10)
         .map(|_| {
@@ -1224,15 +1208,172 @@ async fn a_failing_job_does_not_roll_back_its_batch() {
     assert_eq!(victim.state, TaskState::Failed);
 
     let after = db.write_stats();
-    // The gate's own transaction, then all 13 jobs in one.
+    // The gate's own transaction, then all 13 jobs in one: run once without
+    // savepoints, rolled back at the job that failed after writing, run
+    // again with a savepoint per job.
     assert_eq!(after.batches - before.batches, 2);
     assert_eq!(after.jobs - before.jobs, 1 + queued as u64);
+    assert_eq!(after.redone_batches - before.redone_batches, 1);
     assert_eq!(
         db.get_task(&victim.id).await.unwrap().unwrap().state,
         TaskState::Failed
     );
     let all = db.list_tasks(TaskFilter::default()).await.unwrap();
     assert_eq!(all.len(), 11);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_failing_before_it_writes_costs_its_batch_nothing() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let (gate, release) = hold_writer(&db).await;
+    let insert = |db: &Db| {
+        let (db, t) = (db.clone(), new_task(&plugin));
+        tokio::spawn(async move { db.insert_task(t).await })
+    };
+    let first: Vec<_> = (0..5).map(|_| insert(&db)).collect();
+    wait_queued(&db, 5).await;
+    // Fails on its check, before changing a row.
+    let unknown = tokio::spawn({
+        let db = db.clone();
+        async move { db.finish("t_unknown", outcome(TaskState::Succeeded)).await }
+    });
+    wait_queued(&db, 6).await;
+    let second: Vec<_> = (0..5).map(|_| insert(&db)).collect();
+    wait_queued(&db, 11).await;
+    let before = db.write_stats();
+    release.send(()).unwrap();
+    gate.await.unwrap().unwrap();
+    for insert in first.into_iter().chain(second) {
+        insert.await.unwrap().unwrap();
+    }
+    assert!(matches!(
+        unknown.await.unwrap(),
+        Err(DbError::TaskNotFound(_))
+    ));
+    let after = db.write_stats();
+    assert_eq!(after.batches - before.batches, 2);
+    assert_eq!(after.redone_batches - before.redone_batches, 0);
+    assert_eq!(
+        db.list_tasks(TaskFilter::default()).await.unwrap().len(),
+        10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_panics_after_writing_leaves_no_trace() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let victim = running(&db, &plugin).await;
+    let (gate, release) = hold_writer(&db).await;
+    let earlier = tokio::spawn({
+        let (db, t) = (db.clone(), new_task(&plugin));
+        async move { db.insert_task(t).await }
+    });
+    wait_queued(&db, 1).await;
+    let panicking = tokio::spawn({
+        let db = db.clone();
+        let id = victim.id.clone();
+        async move {
+            db.write(move |conn| -> Result<(), DbError> {
+                conn.execute("UPDATE tasks SET state = 'succeeded' WHERE id = ?1", [&id])?;
+                panic!("a job panics after writing (on purpose)");
+            })
+            .await
+        }
+    });
+    wait_queued(&db, 2).await;
+    let later = tokio::spawn({
+        let (db, t) = (db.clone(), new_task(&plugin));
+        async move { db.insert_task(t).await }
+    });
+    wait_queued(&db, 3).await;
+    release.send(()).unwrap();
+    gate.await.unwrap().unwrap();
+    let earlier = earlier.await.unwrap().unwrap();
+    let later = later.await.unwrap().unwrap();
+    assert!(matches!(
+        panicking.await.unwrap(),
+        Err(DbError::JobPanicked)
+    ));
+    assert_eq!(
+        db.get_task(&victim.id).await.unwrap().unwrap().state,
+        TaskState::Running
+    );
+    for t in [earlier, later] {
+        assert_eq!(
+            db.get_task(&t.id).await.unwrap().unwrap().state,
+            TaskState::Queued
+        );
+    }
+    assert_eq!(db.write_stats().failed_batches, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wal_starts_over_under_steady_writes_and_reads() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    // Readers busy all the time, as the dispatcher and the API keep them:
+    // without the writer pause, the WAL never started over.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (db, stop) = (db.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    db.count_tasks_by_state().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let commits: u64 = 5000;
+    let before = db.write_stats();
+    for _ in 0..commits {
+        db.insert_task(new_task(&plugin)).await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    assert!(db.write_stats().batches - before.batches >= commits);
+    // Each commit appends a frame for every page it changes: a task insert
+    // changes the task table, its id index and four more task indexes, the
+    // event table and its two indexes, so at least eight pages, and an
+    // append-only WAL would hold 40,000 frames or more. Started over, it
+    // holds the restart threshold plus what arrives between two rounds.
+    let wal = std::fs::metadata(format!("{}-wal", db.path().display()))
+        .unwrap()
+        .len();
+    let frames = wal / (4096 + 24);
+    assert!(
+        frames < 4 * commits,
+        "the WAL grew to {frames} frames over {commits} commits"
+    );
+}
+
+/// Holds the writer inside a job until `release` is sent, so the jobs queued
+/// meanwhile are drained into one batch. Returns once the writer is held.
+async fn hold_writer(
+    db: &Db,
+) -> (
+    tokio::task::JoinHandle<Result<(), DbError>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let gate = tokio::spawn({
+        let db = db.clone();
+        async move {
+            db.write(move |_| {
+                let _ = entered_tx.send(());
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .await
+        }
+    });
+    entered.recv().await.unwrap();
+    (gate, release)
 }
 
 /// Waits (without sleeping) until `n` jobs wait for the writer.

@@ -6,10 +6,10 @@
 //!
 //! ```text
 //! BEGIN IMMEDIATE
-//!   SAVEPOINT job; <job 1>; RELEASE job            -- job 1 succeeded
-//!   SAVEPOINT job; <job 2>; ROLLBACK TO job; RELEASE job   -- job 2 failed: only its changes undone
+//!   <job 1>                -- succeeded
+//!   <job 2>                -- failed before changing anything: nothing to undo
 //!   …
-//! COMMIT                                            -- then every reply is sent
+//! COMMIT                   -- then every reply is sent
 //! ```
 //!
 //! Why: a commit costs a WAL append (and an `fsync` with `power_safe`), so
@@ -17,13 +17,26 @@
 //! thousands of durable submissions per second possible, while a lone job
 //! still commits at once (the writer never waits to fill a batch).
 //!
+//! A failed job must leave no trace. Almost every job that fails does so
+//! before it changes a row (a check: unknown plugin, task exists, …), which
+//! the writer sees from SQLite's count of changed rows, and then there is
+//! nothing to undo. A job that fails after changing rows (or panics after)
+//! makes the writer roll the whole transaction back and run it again with a
+//! savepoint around each job (`SAVEPOINT job; <job>; ROLLBACK TO job`), so
+//! only that job's changes are undone. The failed job is not run again (its
+//! error is its answer); the jobs before it are, which is why a job's work
+//! is `FnMut`: a job may run more than once, and only its last run, the one
+//! committed, is answered. Savepoints are not the default because SQLite
+//! copies every page a job first touches into a statement journal to be
+//! able to undo it: a fifth of the writer's time on small writes.
+//!
 //! Replies go out only after `COMMIT` succeeded, so an acknowledged write is
 //! durable. If the transaction fails as a whole (an error at `COMMIT`, or
 //! SQLite rolling the transaction back by itself after an I/O error or a full
 //! disk), every job that ran in it is answered with
 //! [`DbError::TransactionFailed`] and the jobs not yet run go on in a fresh
-//! transaction. A job that panics is rolled back to its savepoint and
-//! answered with [`DbError::JobPanicked`]; the writer keeps going.
+//! transaction. A job that panics is answered with [`DbError::JobPanicked`]
+//! (its changes undone as above); the writer keeps going.
 //!
 //! Event watch: just before `COMMIT` the writer reads the highest event `seq`
 //! (`MAX(seq)`, one seek at the end of the rowid tree), and once `COMMIT`
@@ -49,15 +62,17 @@ pub const MAX_BATCH: usize = 256;
 
 /// A unit of work for the writer, with its reply channel.
 pub(super) trait Job: Send {
-    /// Runs the work (inside the savepoint the writer opened); `true` if it
-    /// succeeded and its changes should be kept.
+    /// Runs the work (again, if it ran in a transaction that was rolled
+    /// back); `true` if it succeeded and its changes should be kept.
     fn run(&mut self, conn: &Connection) -> bool;
+    /// Whether the job already failed: it is not run again, its error stands.
+    fn failed(&self) -> bool;
     /// Sends the result; `failed` is set when the whole transaction failed.
     fn reply(self: Box<Self>, failed: Option<&str>);
 }
 
 struct Pending<T, F> {
-    work: Option<F>,
+    work: F,
     outcome: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
 }
@@ -66,10 +81,10 @@ struct Pending<T, F> {
 pub(super) fn job<T, F>(work: F, reply: oneshot::Sender<Result<T>>) -> Box<dyn Job>
 where
     T: Send + 'static,
-    F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    F: FnMut(&Connection) -> Result<T> + Send + 'static,
 {
     Box::new(Pending {
-        work: Some(work),
+        work,
         outcome: None,
         reply,
     })
@@ -78,19 +93,23 @@ where
 impl<T, F> Job for Pending<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection) -> Result<T> + Send,
+    F: FnMut(&Connection) -> Result<T> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let outcome = match self.work.take() {
-            Some(work) => {
-                catch_unwind(AssertUnwindSafe(|| work(conn))).unwrap_or(Err(DbError::JobPanicked))
-            }
-            // Never run twice; answer with an error rather than panicking.
-            None => Err(DbError::JobPanicked),
-        };
+        // A job that failed (or panicked: its state is unknown) never runs
+        // again.
+        if self.failed() {
+            return false;
+        }
+        let outcome = catch_unwind(AssertUnwindSafe(|| (self.work)(conn)))
+            .unwrap_or(Err(DbError::JobPanicked));
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
         ok
+    }
+
+    fn failed(&self) -> bool {
+        matches!(self.outcome, Some(Err(_)))
     }
 
     fn reply(self: Box<Self>, failed: Option<&str>) {
@@ -112,6 +131,7 @@ pub(super) struct Stats {
     batches: AtomicU64,
     jobs: AtomicU64,
     failed_batches: AtomicU64,
+    redone_batches: AtomicU64,
 }
 
 impl Stats {
@@ -120,8 +140,72 @@ impl Stats {
             batches: self.batches.load(Ordering::Relaxed),
             jobs: self.jobs.load(Ordering::Relaxed),
             failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            redone_batches: self.redone_batches.load(Ordering::Relaxed),
             queued,
         }
+    }
+}
+
+/// Lets the checkpointer stop the writer between two transactions, to
+/// start the WAL over (see `checkpoint.rs`).
+#[derive(Debug, Default)]
+pub(super) struct Pause {
+    state: std::sync::Mutex<PauseState>,
+    changed: std::sync::Condvar,
+    wanted: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    wanted: bool,
+    held: bool,
+}
+
+impl Pause {
+    /// Called by the writer outside any transaction: waits while a pause is
+    /// wanted. One atomic load when none is.
+    fn wait_if_wanted(&self) {
+        if !self.wanted.load(Ordering::Acquire) {
+            return;
+        }
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.wanted {
+            return;
+        }
+        state.held = true;
+        self.changed.notify_all();
+        while state.wanted {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.held = false;
+    }
+
+    /// Called by the checkpointer: runs `work` while the writer is stopped
+    /// between transactions. Waits at most `patience` for the writer to stop;
+    /// a writer that does not is idle (waiting for a job), and then `work`
+    /// runs anyway. Returns whether the writer was held.
+    pub(super) fn hold<T>(
+        &self,
+        patience: std::time::Duration,
+        work: impl FnOnce() -> T,
+    ) -> (T, bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.wanted = true;
+        self.wanted.store(true, Ordering::Release);
+        let (waited, _) = self
+            .changed
+            .wait_timeout_while(state, patience, |s| !s.held)
+            .unwrap_or_else(|e| e.into_inner());
+        state = waited;
+        let held = state.held;
+        drop(state);
+        let out = work();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.wanted = false;
+        self.wanted.store(false, Ordering::Release);
+        self.changed.notify_all();
+        drop(state);
+        (out, held)
     }
 }
 
@@ -132,11 +216,12 @@ pub(super) fn spawn(
     queue: usize,
     stats: Arc<Stats>,
     last_seq: Arc<watch::Sender<i64>>,
+    pause: Arc<Pause>,
 ) -> Result<mpsc::Sender<Box<dyn Job>>> {
     let (sender, receiver) = mpsc::channel(queue);
     std::thread::Builder::new()
         .name("wasmtask-db-writer".into())
-        .spawn(move || run(conn, receiver, &stats, &last_seq))
+        .spawn(move || run(conn, receiver, &stats, &last_seq, &pause))
         .map_err(DbError::WriterThread)?;
     Ok(sender)
 }
@@ -165,9 +250,11 @@ fn run(
     mut receiver: mpsc::Receiver<Box<dyn Job>>,
     stats: &Stats,
     last_seq: &watch::Sender<i64>,
+    pause: &Pause,
 ) {
     let mut batch = VecDeque::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
+        pause.wait_if_wanted();
         batch.push_back(first);
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -181,24 +268,47 @@ fn run(
     tracing::debug!("database writer stopped");
 }
 
+/// How a transaction isolates its jobs from each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// No savepoints: a job that fails after changing rows stops the
+    /// transaction ([`Outcome::Redo`]).
+    Shared,
+    /// A savepoint around each job, so a failed job's changes are undone
+    /// alone.
+    Savepoints,
+}
+
+/// What became of one transaction.
+enum Outcome {
+    /// Committed, with the highest event `seq` it made visible (`None` if
+    /// that could not be read; the next batch publishes it).
+    Committed(Option<i64>),
+    /// A job failed after changing rows: roll back, run again with
+    /// savepoints.
+    Redo,
+}
+
 /// Runs every job of `queue` in as few transactions as possible (one, unless
-/// a transaction fails as a whole) and replies to each.
+/// a job fails after changing rows or a transaction fails as a whole) and
+/// replies to each.
 fn commit_batch(
     conn: &Connection,
     queue: &mut VecDeque<Box<dyn Job>>,
     stats: &Stats,
     last_seq: &watch::Sender<i64>,
 ) {
+    let mut isolation = Isolation::Shared;
     while !queue.is_empty() {
         let mut done = Vec::with_capacity(queue.len());
-        let outcome = run_transaction(conn, queue, &mut done);
-        if outcome.is_err() && !conn.is_autocommit() {
+        let outcome = run_transaction(conn, queue, &mut done, isolation);
+        if !matches!(outcome, Ok(Outcome::Committed(_))) && !conn.is_autocommit() {
             // Best effort: a failed ROLLBACK leaves nothing better to do, and
             // SQLite rolls back an open transaction when the next BEGIN fails.
             let _ = conn.execute_batch("ROLLBACK");
         }
         match outcome {
-            Ok(seq) => {
+            Ok(Outcome::Committed(seq)) => {
                 // Committed: watchers may now read these events; tell them
                 // before anyone is answered.
                 if let Some(seq) = seq {
@@ -209,6 +319,15 @@ fn commit_batch(
                 for job in done {
                     job.reply(None);
                 }
+            }
+            Ok(Outcome::Redo) => {
+                // Everything that ran goes back, in order; the failed job
+                // keeps its error and is skipped, the rest run again.
+                stats.redone_batches.fetch_add(1, Ordering::Relaxed);
+                for job in done.into_iter().rev() {
+                    queue.push_front(job);
+                }
+                isolation = Isolation::Savepoints;
             }
             Err(e) => {
                 stats.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -223,33 +342,51 @@ fn commit_batch(
 }
 
 /// One transaction: runs jobs from the front of `queue`, moving each into
-/// `done`, and returns the highest event `seq` it committed with (`None` if
-/// that could not be read; the next batch publishes it). On an error of the
-/// transaction itself, returns it; the jobs left in `queue` have not run.
+/// `done`. On an error of the transaction itself, returns it; the jobs left
+/// in `queue` have not run.
 fn run_transaction(
     conn: &Connection,
     queue: &mut VecDeque<Box<dyn Job>>,
     done: &mut Vec<Box<dyn Job>>,
-) -> Result<Option<i64>> {
+    isolation: Isolation,
+) -> Result<Outcome> {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         // Nothing can run: fail the whole queue rather than spin on it.
         done.extend(queue.drain(..));
         return Err(e.into());
     }
     while let Some(mut job) = queue.pop_front() {
-        let opened = conn.execute_batch("SAVEPOINT job");
-        let ok = opened.is_ok() && job.run(conn);
-        done.push(job);
-        opened?;
-        if conn.is_autocommit() {
-            return Err(DbError::TransactionFailed(
-                "sqlite rolled the transaction back after an error".into(),
-            ));
+        if job.failed() {
+            // Failed in a transaction that was rolled back: nothing to run.
+            done.push(job);
+            continue;
         }
-        if ok {
-            conn.execute_batch("RELEASE job")?;
-        } else {
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+        match isolation {
+            Isolation::Shared => {
+                let before = conn.total_changes();
+                let ok = job.run(conn);
+                done.push(job);
+                if conn.is_autocommit() {
+                    return Err(rolled_back());
+                }
+                if !ok && conn.total_changes() != before {
+                    return Ok(Outcome::Redo);
+                }
+            }
+            Isolation::Savepoints => {
+                let opened = conn.execute_batch("SAVEPOINT job");
+                let ok = opened.is_ok() && job.run(conn);
+                done.push(job);
+                opened?;
+                if conn.is_autocommit() {
+                    return Err(rolled_back());
+                }
+                if ok {
+                    conn.execute_batch("RELEASE job")?;
+                } else {
+                    conn.execute_batch("ROLLBACK TO job; RELEASE job")?;
+                }
+            }
         }
     }
     // Read inside the transaction: exactly what this COMMIT makes visible.
@@ -261,5 +398,9 @@ fn run_transaction(
         }
     };
     conn.execute_batch("COMMIT")?;
-    Ok(seq)
+    Ok(Outcome::Committed(seq))
+}
+
+fn rolled_back() -> DbError {
+    DbError::TransactionFailed("sqlite rolled the transaction back after an error".into())
 }
