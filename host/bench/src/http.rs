@@ -83,15 +83,6 @@ fn read(resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<(u16, Value)> 
     Ok((status, v))
 }
 
-pub fn post(agent: &Agent, url: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-    let resp = agent
-        .post(url)
-        .header("Content-Type", "application/json")
-        .send(serde_json::to_vec(body)?.as_slice())
-        .with_context(|| format!("POST {url}"))?;
-    read(resp)
-}
-
 pub fn get(agent: &Agent, url: &str) -> anyhow::Result<(u16, Value)> {
     let resp = agent
         .get(url)
@@ -112,21 +103,130 @@ pub async fn client<T: Send + 'static>(
 }
 
 /// Submits `n` tasks of `body` over HTTP and returns their ids.
+///
+/// One keep-alive connection, one request at a time, with a minimal
+/// HTTP/1.1 client ([`Raw`]): a load generator sharing the server's two
+/// cores should spend as little of them as it can.
 pub async fn submit_many(base: &str, body: Value, n: usize) -> anyhow::Result<Vec<String>> {
-    let url = format!("{base}/v1/tasks");
+    let base = base.to_owned();
     client(move || {
-        let a = agent();
+        let mut conn = Raw::connect(&base)?;
+        let body = serde_json::to_vec(&body)?;
         let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
-            let (status, v) = post(&a, &url, &body)?;
+            let (status, answer) = conn.post("/v1/tasks", &body)?;
             if status != 201 {
-                bail!("submit answered {status}: {v}");
+                bail!(
+                    "submit answered {status}: {}",
+                    String::from_utf8_lossy(&answer)
+                );
             }
-            ids.push(v["id"].as_str().context("no id")?.to_owned());
+            #[derive(serde::Deserialize)]
+            struct Created {
+                id: String,
+            }
+            let created: Created =
+                serde_json::from_slice(&answer).context("a submit answer without an id")?;
+            ids.push(created.id);
         }
         Ok(ids)
     })
     .await
+}
+
+/// A minimal blocking HTTP/1.1 client on one keep-alive connection: sends a
+/// request, reads the status line, the headers and a `Content-Length` body.
+pub struct Raw {
+    host: String,
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+    request: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects to `base` (`http://host:port`).
+    pub fn connect(base: &str) -> anyhow::Result<Raw> {
+        let host = base
+            .strip_prefix("http://")
+            .context("only http:// addresses")?
+            .trim_end_matches('/')
+            .to_owned();
+        let stream =
+            std::net::TcpStream::connect(&host).with_context(|| format!("connect {host}"))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(Raw {
+            host,
+            reader: std::io::BufReader::new(stream.try_clone()?),
+            writer: stream,
+            request: Vec::new(),
+        })
+    }
+
+    /// `POST path` with a JSON `body`; returns the status and the body.
+    pub fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        self.request("POST", path, Some(body))
+    }
+
+    /// `GET path`; returns the status and the body.
+    pub fn get(&mut self, path: &str) -> anyhow::Result<(u16, Vec<u8>)> {
+        self.request("GET", path, None)
+    }
+
+    fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        use std::io::{BufRead, Read, Write};
+        self.request.clear();
+        write!(
+            self.request,
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\n",
+            self.host
+        )?;
+        if let Some(body) = body {
+            write!(
+                self.request,
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            )?;
+        }
+        self.request.extend_from_slice(b"\r\n");
+        if let Some(body) = body {
+            self.request.extend_from_slice(body);
+        }
+        self.writer.write_all(&self.request)?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP status line: {line:?}"))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            if self.reader.read_line(&mut line)? == 0 {
+                bail!("the server closed the connection");
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = Some(value.trim().parse::<usize>()?);
+                } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                    bail!("a chunked answer (this client reads Content-Length bodies only)");
+                }
+            }
+        }
+        let mut answer = vec![0; length.context("an answer without Content-Length")?];
+        self.reader.read_exact(&mut answer)?;
+        Ok((status, answer))
+    }
 }
 
 /// Waits until `want` tasks are `state` (polling the API).
@@ -182,21 +282,24 @@ pub async fn cancel_under_load(
     let base = s.base.clone();
     let samples = samples.min(n / 2);
     let (cancels, gets) = client(move || {
-        let a = agent();
+        let mut conn = Raw::connect(&base)?;
+        let body = serde_json::to_vec(&json!({"grace_ms": 0, "wait_ms": 30_000}))?;
         let (mut cancels, mut gets) = (Vec::new(), Vec::new());
         for i in 0..samples {
-            let url = format!("{base}/v1/tasks/{}/cancel", ids[i]);
+            let path = format!("/v1/tasks/{}/cancel", ids[i]);
             let t0 = Instant::now();
-            let (status, v) = post(&a, &url, &json!({"grace_ms": 0, "wait_ms": 30_000}))?;
+            let (status, answer) = conn.post(&path, &body)?;
             cancels.push(t0.elapsed());
+            let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
             if status != 200 || v["task"]["state"] != "canceled" {
                 bail!("cancel answered {status}: {v}");
             }
             std::thread::sleep(crate::cancel::jitter(i));
-            let url = format!("{base}/v1/tasks/{}", ids[n - 1 - i]);
+            let path = format!("/v1/tasks/{}", ids[n - 1 - i]);
             let t0 = Instant::now();
-            let (status, v) = get(&a, &url)?;
+            let (status, answer) = conn.get(&path)?;
             gets.push(t0.elapsed());
+            let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
             if status != 200 || v["state"] != "running" {
                 bail!("GET answered {status}: {v}");
             }
