@@ -63,48 +63,60 @@ pub async fn launch_many(
 ) -> anyhow::Result<Vec<Live>> {
     let mut started = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut wasi = WasiSpec::default();
-        let mut keep = None;
-        let (plugin, input): (&Plugin, &[u8]) = match work {
-            Work::Spin => (&g.spin, b"null"),
-            Work::Sleep => (&g.sleep, br#"{"ms":3600000}"#),
-            Work::Read => {
-                let (w, r) = tokio::io::duplex(64);
-                wasi.stdin = Stdin::Reader(Box::new(r));
-                keep = Some(w);
-                (&g.read, b"null")
-            }
-        };
-        let task = rt.spawn(TaskRequest {
-            plugin: plugin.clone(),
-            name: work.mode().to_owned(),
-            input: input.to_vec(),
-            wasi,
-            limits: TaskLimits::default(),
-            events: None,
-        })?;
-        started.push((task, keep));
+        started.push(spawn(rt, g, work)?);
     }
     let mut lives = Vec::with_capacity(n);
     for (task, keep) in started {
         task.started().await;
-        let cancel = task.cancel_handle();
-        let (tx, done) = oneshot::channel();
-        tokio::spawn(async move {
-            let report = task.wait().await;
-            let _ = tx.send((Instant::now(), report));
-        });
-        lives.push(Live {
-            cancel,
-            done,
-            _stdin: keep,
-        });
+        lives.push(watch(task, keep));
     }
     Ok(lives)
 }
 
-/// Cancels `live` with no grace and returns (cancel → `wait()` returned,
-/// the runtime's own request → store dropped).
+/// Spawns one guest of the kind; it starts when the guest pool gets to it.
+fn spawn(
+    rt: &Runtime,
+    g: &Guests,
+    work: Work,
+) -> anyhow::Result<(wasmtask_runtime::RunningTask, Option<DuplexStream>)> {
+    let mut wasi = WasiSpec::default();
+    let mut keep = None;
+    let (plugin, input): (&Plugin, &[u8]) = match work {
+        Work::Spin => (&g.spin, b"null"),
+        Work::Sleep => (&g.sleep, br#"{"ms":3600000}"#),
+        Work::Read => {
+            let (w, r) = tokio::io::duplex(64);
+            wasi.stdin = Stdin::Reader(Box::new(r));
+            keep = Some(w);
+            (&g.read, b"null")
+        }
+    };
+    let task = rt.spawn(TaskRequest {
+        plugin: plugin.clone(),
+        name: work.mode().to_owned(),
+        input: input.to_vec(),
+        wasi,
+        limits: TaskLimits::default(),
+        events: None,
+    })?;
+    Ok((task, keep))
+}
+
+/// Waits for `task`'s end in a tokio task of its own, timestamping it.
+fn watch(task: wasmtask_runtime::RunningTask, keep: Option<DuplexStream>) -> Live {
+    let cancel = task.cancel_handle();
+    let (tx, done) = oneshot::channel();
+    tokio::spawn(async move {
+        let report = task.wait().await;
+        let _ = tx.send((Instant::now(), report));
+    });
+    Live {
+        cancel,
+        done,
+        _stdin: keep,
+    }
+}
+
 pub async fn stop(live: Live) -> anyhow::Result<(Duration, Duration)> {
     let t0 = Instant::now();
     live.cancel.cancel("bench", Duration::ZERO);
@@ -153,14 +165,21 @@ pub async fn measure(
             .into_iter()
             .map(Some)
             .collect();
-        let step = (n / samples.max(1)).max(1);
-        for (k, i) in (0..n).step_by(step).take(samples).enumerate() {
+        // Each canceled guest is replaced by a fresh one, so `n` keep
+        // running however many samples are taken.
+        for k in 0..samples {
+            let i = k % n;
             tokio::time::sleep(jitter(k)).await;
             if let Some(live) = all[i].take() {
                 let (o, r) = stop(live).await?;
                 outer.push(o);
                 inner.push(r);
             }
+            // Not waited for: among a thousand spinning guests the new one
+            // gets its first turn only after the others had theirs, long
+            // before its own cancel comes round (`n` samples later).
+            let (task, keep) = spawn(rt, g, work)?;
+            all[i] = Some(watch(task, keep));
         }
         stop_all(all.into_iter().flatten().collect()).await;
     }

@@ -119,8 +119,8 @@ impl Scale {
             Scale {
                 quick,
                 counts: vec![1, 100, 1000],
-                samples_one: 200,
-                samples_many: 200,
+                samples_one: 1000,
+                samples_many: 1000,
                 http_running: 1000,
                 http_samples: 300,
                 loops: 400_000_000,
@@ -361,6 +361,10 @@ fn bench_runtime(max_concurrent: usize) -> anyhow::Result<Runtime> {
     })
 }
 
+/// Most native stops measured per row (in the `n > 1` rows each ends one of
+/// the `n` processes, which are not replaced, so at most `n` in all).
+const NATIVE_SAMPLES: usize = 200;
+
 async fn part1(scale: &Scale) -> anyhow::Result<String> {
     use native::Work;
     use stats::{dur, ratio};
@@ -373,7 +377,8 @@ async fn part1(scale: &Scale) -> anyhow::Result<String> {
         md,
         "Each row: that many guests of the kind run at once (sleeping and reading rows also \
          run {} spinning guests, so every core is busy); guests are canceled one at a time with \
-         no grace. **wasmtask**: from `CancelHandle::cancel` to the task's `wait()` having \
+         no grace, and each canceled guest is replaced by a fresh one, so that many keep \
+         running throughout. **wasmtask**: from `CancelHandle::cancel` to the task's `wait()` having \
          returned in its own tokio task (the runtime's own figure, request → store dropped, \
          beside it). **Native**: the same work as one process per task (a busy loop, a \
          `nanosleep`, a blocking `read` of a pipe), from `kill(2)` to `waitpid(2)` returning; \
@@ -391,7 +396,7 @@ async fn part1(scale: &Scale) -> anyhow::Result<String> {
             let samples = if n == 1 {
                 scale.samples_one
             } else {
-                scale.samples_many.min(n)
+                scale.samples_many
             };
             let (outer, inner) = cancel::measure(&rt, &guests, work, n, samples).await?;
             // A signalled process needs CPU time to die: among a thousand
@@ -399,7 +404,7 @@ async fn part1(scale: &Scale) -> anyhow::Result<String> {
             let native_samples = match (scale.native, work, n) {
                 (false, _, _) => 0,
                 (_, Work::Spin, 1000..) => samples.min(20),
-                _ => samples,
+                _ => samples.min(NATIVE_SAMPLES),
             };
             let (kill, term) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let (kill, term) = native::stop_latency(work, n, native_samples)?;
