@@ -7,10 +7,13 @@
 //!   read-write connection. Callers send it a job over a bounded channel and
 //!   await a `oneshot` reply; nothing here blocks a tokio worker thread.
 //! - **Group commit.** The writer drains every queued job (up to
-//!   [`MAX_BATCH`]) into ONE `BEGIN IMMEDIATE` transaction. Each job
-//!   runs inside its own `SAVEPOINT`, so a job that fails rolls back only its
-//!   own changes; the others in the batch still commit. Replies are sent only
-//!   after `COMMIT` returned, so **anything acknowledged is durable**.
+//!   [`MAX_BATCH`]) into ONE `BEGIN IMMEDIATE` transaction. A job that
+//!   fails leaves no trace and the others in the batch still commit: most
+//!   failures happen before any row changed, and a job that fails after
+//!   changing rows makes the writer run the batch again with a `SAVEPOINT`
+//!   per job (so a job may run twice; only the committed run is answered).
+//!   Replies are sent only after `COMMIT` returned, so **anything
+//!   acknowledged is durable**.
 //!   Jobs in one batch run in arrival order and see each other's effects, so
 //!   the batch is equivalent to running them one by one.
 //! - **Races are decided in one transaction.** `mark_started`,
