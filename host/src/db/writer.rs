@@ -199,13 +199,26 @@ impl Pause {
         state = waited;
         let held = state.held;
         drop(state);
-        let out = work();
+        // Released on the way out, even if `work` panics: a writer left
+        // waiting would stop every write.
+        let _release = Release(self);
+        (work(), held)
+    }
+
+    fn release(&self) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.wanted = false;
         self.wanted.store(false, Ordering::Release);
         self.changed.notify_all();
-        drop(state);
-        (out, held)
+    }
+}
+
+/// Ends a pause when dropped.
+struct Release<'a>(&'a Pause);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.release();
     }
 }
 
@@ -403,4 +416,94 @@ fn run_transaction(
 
 fn rolled_back() -> DbError {
     DbError::TransactionFailed("sqlite rolled the transaction back after an error".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A stand-in writer: counts the transactions it would run, stopping
+    /// at each boundary if a pause is wanted.
+    fn writer(
+        pause: &Arc<Pause>,
+        stop: &Arc<AtomicBool>,
+    ) -> (Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let (p, s, c) = (Arc::clone(pause), Arc::clone(stop), Arc::clone(&count));
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                p.wait_if_wanted();
+                c.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        });
+        (count, thread)
+    }
+
+    /// Asserts the stand-in writer runs again (within 10 s).
+    fn resumes(count: &AtomicUsize) {
+        let (after, deadline) = (
+            count.load(Ordering::Relaxed),
+            std::time::Instant::now() + Duration::from_secs(10),
+        );
+        while count.load(Ordering::Relaxed) == after {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer stayed paused"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_pause_holds_the_writer_between_transactions_until_the_work_is_done() {
+        let pause = Arc::new(Pause::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, thread) = writer(&pause, &stop);
+        let ((), held) = pause.hold(Duration::from_secs(10), || {
+            let before = count.load(Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(
+                count.load(Ordering::Relaxed),
+                before,
+                "the writer ran while held"
+            );
+        });
+        assert!(held);
+        resumes(&count);
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_pause_without_a_writer_at_a_boundary_goes_ahead_after_its_patience() {
+        let pause = Pause::default();
+        let ((), held) = pause.hold(Duration::from_millis(20), || {});
+        assert!(!held);
+        // Released: a writer arriving later does not stop.
+        pause.wait_if_wanted();
+    }
+
+    #[test]
+    fn a_panic_in_the_paused_work_releases_the_writer() {
+        let pause = Arc::new(Pause::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, thread) = writer(&pause, &stop);
+        let p = Arc::clone(&pause);
+        let result = std::thread::spawn(move || {
+            p.hold(Duration::from_secs(10), || {
+                panic!("the checkpoint panics (on purpose)")
+            })
+        })
+        .join();
+        assert!(result.is_err());
+        resumes(&count);
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
+    }
 }
