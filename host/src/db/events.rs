@@ -23,12 +23,18 @@ pub const MAX_EVENTS_PAGE: usize = 1000;
 
 /// Stores one event (bounded) and returns its `seq`.
 pub(super) fn insert(conn: &Connection, event: &NewEvent) -> Result<i64> {
-    insert_in_run(conn, event, event.run_id.as_deref())
+    let data = bounded_data(&event.data)?;
+    insert_row(conn, event, event.run_id.as_deref(), &data)
 }
 
-/// [`insert`] with `run_id` in place of the event's own.
-fn insert_in_run(conn: &Connection, event: &NewEvent, run_id: Option<&str>) -> Result<i64> {
-    let data = bounded_data(&event.data)?;
+/// Stores `event` with `run_id` in place of its own and `data` (already
+/// bounded) as its data.
+fn insert_row(
+    conn: &Connection,
+    event: &NewEvent,
+    run_id: Option<&str>,
+    data: &str,
+) -> Result<i64> {
     conn.prepare_cached(
         "INSERT INTO events (task_id, run_id, kind, at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
@@ -65,41 +71,54 @@ fn is_reserved(kind: EventKind) -> bool {
 /// `append_events`: stores `events` in order, applying progress and
 /// checkpoints to their (non-terminal) task.
 pub(super) fn append(conn: &Connection, events: &[NewEvent]) -> Result<()> {
+    // Every check first, so that a refused batch is refused before it
+    // changes a row: then the writer has nothing to undo (see `writer.rs`).
+    // Appended events never change a task's state, so the states read here
+    // hold for the whole batch.
+    let mut checked = Vec::with_capacity(events.len());
     for event in events {
-        let mut run_id = event.run_id.clone();
         if is_reserved(event.kind) {
             return Err(DbError::ReservedEvent {
                 kind: event.kind.as_str(),
             });
         }
-        if let Some(task_id) = event.task_id.as_deref() {
-            let Some((state, task_run_id)) = tasks::state_and_run(conn, task_id)? else {
-                return Err(DbError::TaskNotFound(task_id.to_owned()));
-            };
-            if run_id.is_none() {
-                run_id = task_run_id;
+        let (state, run_id) = match event.task_id.as_deref() {
+            Some(task_id) => {
+                let Some((state, task_run_id)) = tasks::state_and_run(conn, task_id)? else {
+                    return Err(DbError::TaskNotFound(task_id.to_owned()));
+                };
+                (Some(state), event.run_id.clone().or(task_run_id))
             }
-            if !state.is_terminal() {
-                match event.kind {
-                    EventKind::TaskProgress => {
-                        if let Some(progress) = progress_of(&event.data) {
-                            tasks::set_progress(conn, task_id, &progress)?;
-                        }
-                    }
-                    EventKind::TaskCheckpoint => {
-                        if let Some(partial) = event.data.get("partial_output") {
-                            tasks::set_partial_output(conn, task_id, partial)?;
-                        }
-                    }
-                    _ => {}
+            None => {
+                if let Some(run_id) = event.run_id.as_deref()
+                    && !super::runs::exists(conn, run_id)?
+                {
+                    return Err(DbError::RunNotFound(run_id.to_owned()));
                 }
+                (None, event.run_id.clone())
             }
-        } else if let Some(run_id) = event.run_id.as_deref()
-            && !super::runs::exists(conn, run_id)?
+        };
+        checked.push((event, state, run_id, bounded_data(&event.data)?));
+    }
+    for (event, state, run_id, data) in checked {
+        if let (Some(task_id), Some(state)) = (event.task_id.as_deref(), state)
+            && !state.is_terminal()
         {
-            return Err(DbError::RunNotFound(run_id.to_owned()));
+            match event.kind {
+                EventKind::TaskProgress => {
+                    if let Some(progress) = progress_of(&event.data) {
+                        tasks::set_progress(conn, task_id, &progress)?;
+                    }
+                }
+                EventKind::TaskCheckpoint => {
+                    if let Some(partial) = event.data.get("partial_output") {
+                        tasks::set_partial_output(conn, task_id, partial)?;
+                    }
+                }
+                _ => {}
+            }
         }
-        insert_in_run(conn, event, run_id.as_deref())?;
+        insert_row(conn, event, run_id.as_deref(), &data)?;
     }
     Ok(())
 }

@@ -1063,8 +1063,10 @@ async fn appended_events_are_bounded_and_update_progress_and_checkpoint() {
     assert!(replaced["bytes"].as_u64().unwrap() > MAX_EVENT_DATA_BYTES as u64);
 
     // Lifecycle events are the database's own; unknown tasks are refused;
-    // a refused append stores nothing.
+    // a refused append stores nothing, and is refused before it writes (the
+    // writer has nothing to undo, so it does not run its batch again).
     let before = db.events(Some(&task.id), 0, 100).await.unwrap().len();
+    let redone = db.write_stats().redone_batches;
     assert!(matches!(
         db.append_events(vec![NewEvent::task(
             &task.id,
@@ -1086,6 +1088,7 @@ async fn appended_events_are_bounded_and_update_progress_and_checkpoint() {
         db.events(Some(&task.id), 0, 100).await.unwrap().len(),
         before
     );
+    assert_eq!(db.write_stats().redone_batches, redone);
 
     // Once terminal, progress no longer changes the row (the event is kept).
     let done = db
