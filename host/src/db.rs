@@ -35,8 +35,9 @@
 //!   committed state while the writer works. Reads run on
 //!   `tokio::task::spawn_blocking` with a small pool of read-only
 //!   connections (`db/readers.rs`); at most [`DbOptions::readers`] run at
-//!   once, the rest wait for a connection. A task row and its cancel record are read in
-//!   one statement (a join), so they are always consistent with each other.
+//!   once, the rest wait for a connection. A task row and its cancel record
+//!   are read in one statement (a join), so they are always consistent with
+//!   each other.
 //! - **One row per task** holds its *current* attempt. `mark_started` clears
 //!   the previous attempt's outcome fields; the event trail keeps the history.
 //! - A terminal state never changes again: `finish` on a terminal task returns
@@ -50,8 +51,8 @@
 //! transaction to the `-wal` file with `write(2)` before `COMMIT` returns;
 //! with `synchronous = NORMAL` SQLite skips the `fsync` at each commit and
 //! syncs only at checkpoints — which run on a thread of their own
-//! (`db/checkpoint.rs`), never inside a commit on the writer. Once `write(2)` returned, the data is in the
-//! kernel's page cache, which survives the death of the process (SIGKILL, OOM
+//! (`db/checkpoint.rs`), never inside a commit on the writer. Once
+//! `write(2)` returned, the data is in the kernel's page cache, which survives the death of the process (SIGKILL, OOM
 //! kill, abort): the next open replays the WAL. So a process kill loses
 //! nothing that was acknowledged. What `NORMAL` does **not** survive is a
 //! power loss or kernel crash: the last transactions before it may be rolled
@@ -700,9 +701,7 @@ impl Db {
     ) -> Result<TaskRecord> {
         let id = id.to_owned();
         self.write(move |conn| {
-            if !events.is_empty() {
-                events::append(conn, &events)?;
-            }
+            events::append(conn, &events)?;
             tasks::finish(conn, &id, &f)
         })
         .await

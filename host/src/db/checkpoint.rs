@@ -75,21 +75,11 @@ pub(super) fn spawn(
     Ok(stop)
 }
 
-/// What `PRAGMA wal_checkpoint` reports: frames in the WAL and frames
-/// copied back into the database (both -1 when the database is not in WAL
-/// mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Progress {
-    pub log: i64,
-    pub copied: i64,
-}
-
-fn run(conn: &Connection, mode: &str) -> rusqlite::Result<Progress> {
+/// Runs a checkpoint in `mode`; returns the frames in the WAL (-1 when the
+/// database is not in WAL mode).
+fn run(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
     conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
-        Ok(Progress {
-            log: row.get(1)?,
-            copied: row.get(2)?,
-        })
+        row.get(1)
     })
 }
 
@@ -97,14 +87,14 @@ fn run(conn: &Connection, mode: &str) -> rusqlite::Result<Progress> {
 /// until few frames arrive during one (each copies what arrived during the
 /// one before), then a `RESTART` one with the writer paused, which has only
 /// those few left to copy.
-pub(super) fn checkpoint(conn: &Connection, pause: &Pause) -> rusqlite::Result<Progress> {
+fn checkpoint(conn: &Connection, pause: &Pause) -> rusqlite::Result<()> {
     let mut last = run(conn, "PASSIVE")?;
-    if last.log < RESTART_FRAMES {
-        return Ok(last);
+    if last < RESTART_FRAMES {
+        return Ok(());
     }
     for _ in 0..CATCH_UP_PASSES {
         let next = run(conn, "PASSIVE")?;
-        let arrived = next.log - last.log;
+        let arrived = next - last;
         last = next;
         if arrived <= PAUSE_FRAMES {
             break;
@@ -114,11 +104,11 @@ pub(super) fn checkpoint(conn: &Connection, pause: &Pause) -> rusqlite::Result<P
     let (restart, held) = pause.hold(PATIENCE, || run(conn, "RESTART"));
     let restart = restart?;
     tracing::debug!(
-        ?last,
-        ?restart,
+        frames_last_pass = last,
+        frames_restart = restart,
         held,
         paused_us = started.elapsed().as_micros() as u64,
-        "WAL started over"
+        "WAL checkpointed to start over"
     );
-    Ok(restart)
+    Ok(())
 }

@@ -222,10 +222,8 @@ pub(super) fn open_writer(path: &Path, options: &DbOptions) -> Result<Connection
         path: path.to_path_buf(),
         source,
     };
-    configure_library();
-    let conn = Connection::open(path).map_err(open_err)?;
+    let conn = open_read_write(path, options)?;
     tune(&conn).map_err(open_err)?;
-    conn.busy_timeout(options.busy_timeout).map_err(open_err)?;
     // journal_mode answers with the mode in force: an in-memory database, for
     // one, stays in "memory" mode, and the concurrency model needs WAL.
     let mode: String = conn
@@ -237,15 +235,12 @@ pub(super) fn open_writer(path: &Path, options: &DbOptions) -> Result<Connection
             mode,
         });
     }
-    let synchronous = if options.power_safe { "FULL" } else { "NORMAL" };
-    conn.pragma_update(None, "synchronous", synchronous)
-        .map_err(open_err)?;
     conn.pragma_update(None, "foreign_keys", true)
         .map_err(open_err)?;
-    // Each job runs in a savepoint, so SQLite keeps a statement journal of
-    // the pages a job first touches, to undo just that job. In memory, that
-    // costs a copy; in a temporary file (the default) it cost a pwrite per
-    // page and a fifth of the writer's time.
+    // Statement journals (a savepoint per job when the writer runs a batch
+    // again, see `writer.rs`, and statements that may fail after changing
+    // rows) in memory: in a temporary file (the default) they cost a pwrite
+    // per page, a fifth of the writer's time when every job had a savepoint.
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(open_err)?;
     Ok(conn)
@@ -260,6 +255,12 @@ pub(super) fn disable_autocheckpoint(conn: &Connection) -> rusqlite::Result<()> 
 /// The checkpointer's connection (read-write: a checkpoint writes the
 /// database file).
 pub(super) fn open_checkpointer(path: &Path, options: &DbOptions) -> Result<Connection> {
+    open_read_write(path, options)
+}
+
+/// A read-write connection with the busy timeout and the `synchronous`
+/// level set: what the writer and the checkpointer share.
+fn open_read_write(path: &Path, options: &DbOptions) -> Result<Connection> {
     let open_err = |source| DbError::Open {
         path: path.to_path_buf(),
         source,

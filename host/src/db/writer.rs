@@ -63,7 +63,9 @@ pub const MAX_BATCH: usize = 256;
 /// A unit of work for the writer, with its reply channel.
 pub(super) trait Job: Send {
     /// Runs the work (again, if it ran in a transaction that was rolled
-    /// back); `true` if it succeeded and its changes should be kept.
+    /// back); `true` if it succeeded and its changes should be kept. Never
+    /// called once the job [`failed`](Job::failed): a failed (or panicked)
+    /// job's error stands.
     fn run(&mut self, conn: &Connection) -> bool;
     /// Whether the job already failed: it is not run again, its error stands.
     fn failed(&self) -> bool;
@@ -96,11 +98,6 @@ where
     F: FnMut(&Connection) -> Result<T> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        // A job that failed (or panicked: its state is unknown) never runs
-        // again.
-        if self.failed() {
-            return false;
-        }
         let outcome = catch_unwind(AssertUnwindSafe(|| (self.work)(conn)))
             .unwrap_or(Err(DbError::JobPanicked));
         let ok = outcome.is_ok();
@@ -150,15 +147,12 @@ impl Stats {
 /// start the WAL over (see `checkpoint.rs`).
 #[derive(Debug, Default)]
 pub(super) struct Pause {
-    state: std::sync::Mutex<PauseState>,
-    changed: std::sync::Condvar,
+    /// Whether a pause is wanted. Changed only with `held` locked, so a
+    /// waiter that checks it under the lock never misses a change.
     wanted: std::sync::atomic::AtomicBool,
-}
-
-#[derive(Debug, Default)]
-struct PauseState {
-    wanted: bool,
-    held: bool,
+    /// Whether the writer is stopped at a boundary.
+    held: std::sync::Mutex<bool>,
+    changed: std::sync::Condvar,
 }
 
 impl Pause {
@@ -168,16 +162,16 @@ impl Pause {
         if !self.wanted.load(Ordering::Acquire) {
             return;
         }
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.wanted {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.wanted.load(Ordering::Acquire) {
             return;
         }
-        state.held = true;
+        *held = true;
         self.changed.notify_all();
-        while state.wanted {
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        while self.wanted.load(Ordering::Acquire) {
+            held = self.changed.wait(held).unwrap_or_else(|e| e.into_inner());
         }
-        state.held = false;
+        *held = false;
     }
 
     /// Called by the checkpointer: runs `work` while the writer is stopped
@@ -189,25 +183,22 @@ impl Pause {
         patience: std::time::Duration,
         work: impl FnOnce() -> T,
     ) -> (T, bool) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.wanted = true;
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         self.wanted.store(true, Ordering::Release);
-        let (waited, _) = self
+        let (held, _) = self
             .changed
-            .wait_timeout_while(state, patience, |s| !s.held)
+            .wait_timeout_while(held, patience, |held| !*held)
             .unwrap_or_else(|e| e.into_inner());
-        state = waited;
-        let held = state.held;
-        drop(state);
+        let was_held = *held;
+        drop(held);
         // Released on the way out, even if `work` panics: a writer left
         // waiting would stop every write.
         let _release = Release(self);
-        (work(), held)
+        (work(), was_held)
     }
 
     fn release(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        state.wanted = false;
+        let _held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         self.wanted.store(false, Ordering::Release);
         self.changed.notify_all();
     }
