@@ -166,6 +166,9 @@ struct Ended(Option<Arc<TaskRecord>>);
 #[derive(Default)]
 struct State {
     tasks: HashMap<String, Entry>,
+    /// The tasks of `tasks` whose start is not committed yet: still `queued`
+    /// in the database, so the dispatcher passes over them.
+    starting: HashSet<String>,
     /// Lock key → the task holding it.
     locks: HashMap<String, String>,
     /// Runs whose abort (an operator's, fail-fast's, or one resumed after a
@@ -1226,12 +1229,7 @@ impl Service {
         let (room, skip) = {
             let st = lock(&self.inner.state);
             let room = self.inner.cfg.max_running.saturating_sub(st.tasks.len());
-            let skip: HashSet<String> = if room == 0 {
-                HashSet::new()
-            } else {
-                st.tasks.keys().cloned().collect()
-            };
-            (room, skip)
+            (room, st.starting.clone())
         };
         if room == 0 {
             return Ok(());
@@ -1294,6 +1292,7 @@ impl Service {
                 for k in &task.spec.locks {
                     st.locks.insert(k.clone(), task.id.clone());
                 }
+                st.starting.insert(task.id.clone());
                 st.tasks.insert(
                     task.id.clone(),
                     Entry {
@@ -1323,6 +1322,7 @@ impl Service {
         let (locks, entry) = {
             let mut st = lock(&self.inner.state);
             let entry = st.tasks.remove(&id);
+            st.starting.remove(&id);
             let locks: Vec<String> = st
                 .locks
                 .iter()
@@ -1358,7 +1358,12 @@ impl Service {
                 .collect();
             self.inner.db.append_events(events).await?;
         }
-        let record = match self.inner.db.mark_started(&id).await? {
+        let decision = self.inner.db.mark_started(&id).await;
+        // Started, not startable or unknown: no longer `queued` as far as
+        // this process can tell (an error removes the task from the map
+        // below anyway).
+        lock(&self.inner.state).starting.remove(&id);
+        let record = match decision? {
             StartDecision::Started(r) => r,
             StartDecision::NotStartable(r) => {
                 self.release_locks(&id, &task.spec.locks, Vec::new()).await;
