@@ -214,10 +214,10 @@ pub fn spawn_rate(
         h.join()
             .map_err(|_| anyhow::anyhow!("a spawner thread panicked"))??;
     }
-    let n = per * threads.max(1);
-    let cpu = crate::stats::process_cpu() + crate::stats::children_cpu() - cpu0;
-    Ok(crate::throughput::Rate {
-        per_s: n as f64 / t0.elapsed().as_secs_f64(),
-        cpu_per_task: cpu / n.max(1) as u32,
-    })
+    let cpu = crate::stats::process_cpu() + crate::stats::children_cpu();
+    Ok(crate::throughput::Rate::used(
+        per * threads.max(1),
+        t0,
+        cpu.saturating_sub(cpu0),
+    ))
 }

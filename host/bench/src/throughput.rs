@@ -28,9 +28,14 @@ pub struct Rate {
 impl Rate {
     /// `n` tasks done since `t0`, with the process at `cpu0` CPU time then.
     pub fn since(n: usize, t0: Instant, cpu0: Duration) -> Rate {
+        Rate::used(n, t0, process_cpu().saturating_sub(cpu0))
+    }
+
+    /// `n` tasks done since `t0`, having used `cpu` CPU time.
+    pub fn used(n: usize, t0: Instant, cpu: Duration) -> Rate {
         Rate {
             per_s: n as f64 / t0.elapsed().as_secs_f64(),
-            cpu_per_task: (process_cpu().saturating_sub(cpu0)) / n.max(1) as u32,
+            cpu_per_task: cpu / u32::try_from(n.max(1)).unwrap_or(u32::MAX),
         }
     }
 }
@@ -151,6 +156,7 @@ pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
     let procs = scale.processes;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let exe = std::env::current_exe()?;
+    let exe_mib = std::fs::metadata(&exe)?.len() as f64 / (1 << 20) as f64;
     let native = tokio::task::spawn_blocking(move || {
         crate::native::spawn_rate(&exe, &["--child", "exit"], procs, cores)
     })
@@ -164,7 +170,6 @@ pub async fn part5(scale: &Scale) -> anyhow::Result<String> {
         ),
         None => None,
     };
-    let exe_mib = std::fs::metadata(std::env::current_exe()?)?.len() as f64 / (1 << 20) as f64;
     let mut md = String::new();
     writeln!(md, "### 5. Throughput of trivial tasks\n")?;
     writeln!(
