@@ -15,8 +15,6 @@ use wasmtask::db::Db;
 use wasmtask::service::{Service, ServiceConfig};
 use wasmtask_runtime::{Runtime, RuntimeConfig};
 
-use crate::stats::{Summary, summarize};
-
 pub struct Server {
     pub base: String,
     pub svc: Service,
@@ -96,9 +94,11 @@ pub async fn client<T: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
+    std::thread::Builder::new()
+        .name("bench-client".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
     rx.await.context("the client thread died")?
 }
 
@@ -112,24 +112,7 @@ pub async fn submit_many(base: &str, body: Value, n: usize) -> anyhow::Result<Ve
     client(move || {
         let mut conn = Raw::connect(&base)?;
         let body = serde_json::to_vec(&body)?;
-        let mut ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (status, answer) = conn.post("/v1/tasks", &body)?;
-            if status != 201 {
-                bail!(
-                    "submit answered {status}: {}",
-                    String::from_utf8_lossy(&answer)
-                );
-            }
-            #[derive(serde::Deserialize)]
-            struct Created {
-                id: String,
-            }
-            let created: Created =
-                serde_json::from_slice(&answer).context("a submit answer without an id")?;
-            ids.push(created.id);
-        }
-        Ok(ids)
+        (0..n).map(|_| conn.submit(&body)).collect()
     })
     .await
 }
@@ -166,6 +149,44 @@ impl Raw {
     /// `POST path` with a JSON `body`; returns the status and the body.
     pub fn post(&mut self, path: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
         self.request("POST", path, Some(body))
+    }
+
+    /// `POST /v1/tasks` with `body`; returns the new task's id.
+    pub fn submit(&mut self, body: &[u8]) -> anyhow::Result<String> {
+        let (status, answer) = self.post("/v1/tasks", body)?;
+        if status != 201 {
+            bail!(
+                "submit answered {status}: {}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        #[derive(serde::Deserialize)]
+        struct Created {
+            id: String,
+        }
+        let created: Created =
+            serde_json::from_slice(&answer).context("a submit answer without an id")?;
+        Ok(created.id)
+    }
+
+    /// Polls `GET /v1/tasks/{id}` until the task is `running`.
+    pub fn wait_running(&mut self, id: &str, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        let path = format!("/v1/tasks/{id}");
+        loop {
+            let (status, answer) = self.get(&path)?;
+            let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
+            if status != 200 {
+                bail!("GET answered {status}: {v}");
+            }
+            match v["state"].as_str() {
+                Some("running") => return Ok(()),
+                Some("queued") if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                _ => bail!("task {id} did not start: {v}"),
+            }
+        }
     }
 
     /// `GET path`; returns the status and the body.
@@ -270,23 +291,30 @@ pub async fn wait_count(
 /// Part 2: with `n` spinning tasks running (every core busy), cancel
 /// `samples` of them one at a time over HTTP (`grace_ms: 0`, `wait_ms`, so
 /// the answer comes once `canceled` is committed), each followed by an
-/// unrelated request (another task's record).
+/// unrelated request (another running task's record). Each canceled task is
+/// replaced by a fresh one, running before the next sample, so `n` keep
+/// running throughout.
 pub async fn cancel_under_load(
     dir: &Path,
     n: usize,
     samples: usize,
-) -> anyhow::Result<(Summary, Summary)> {
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, [Vec<Duration>; 2])> {
     let s = start(dir, n).await?;
-    let ids = submit_many(&s.base, json!({"plugin": "spin-loop"}), n).await?;
+    let spin = json!({"plugin": "spin-loop"});
+    let ids = submit_many(&s.base, spin.clone(), n).await?;
     wait_count(&s.base, "running", n, Duration::from_secs(300)).await?;
     let base = s.base.clone();
-    let samples = samples.min(n / 2);
-    let (cancels, gets) = client(move || {
+    let (cancels, gets, chain) = client(move || {
         let mut conn = Raw::connect(&base)?;
+        let spin = serde_json::to_vec(&spin)?;
         let body = serde_json::to_vec(&json!({"grace_ms": 0, "wait_ms": 30_000}))?;
+        // Oldest first: the victim is the task running longest, the
+        // unrelated request reads one from the middle.
+        let mut live: std::collections::VecDeque<String> = ids.into();
         let (mut cancels, mut gets) = (Vec::new(), Vec::new());
         for i in 0..samples {
-            let path = format!("/v1/tasks/{}/cancel", ids[i]);
+            let victim = live.pop_front().context("no task left to cancel")?;
+            let path = format!("/v1/tasks/{victim}/cancel");
             let t0 = Instant::now();
             let (status, answer) = conn.post(&path, &body)?;
             cancels.push(t0.elapsed());
@@ -294,8 +322,11 @@ pub async fn cancel_under_load(
             if status != 200 || v["task"]["state"] != "canceled" {
                 bail!("cancel answered {status}: {v}");
             }
+            let fresh = conn.submit(&spin)?;
+            conn.wait_running(&fresh, Duration::from_secs(30))?;
+            live.push_back(fresh);
             std::thread::sleep(crate::cancel::jitter(i));
-            let path = format!("/v1/tasks/{}", ids[n - 1 - i]);
+            let path = format!("/v1/tasks/{}", live[live.len() / 2]);
             let t0 = Instant::now();
             let (status, answer) = conn.get(&path)?;
             gets.push(t0.elapsed());
@@ -305,11 +336,16 @@ pub async fn cancel_under_load(
             }
             std::thread::sleep(crate::cancel::jitter(i + 7));
         }
-        Ok((cancels, gets))
+        // The same machine's floor, under the same load: plain threads
+        // handing a token along as many times as a cancel hands off.
+        use crate::machine::{CANCEL_HAND_OFFS, HAND_OFF_WORK, hand_offs};
+        let bare = hand_offs(CANCEL_HAND_OFFS, samples, Duration::ZERO)?;
+        let working = hand_offs(CANCEL_HAND_OFFS, samples, HAND_OFF_WORK)?;
+        Ok((cancels, gets, [bare, working]))
     })
     .await?;
     s.stop().await;
-    Ok((summarize(cancels), summarize(gets)))
+    Ok((cancels, gets, chain))
 }
 
 /// Part 5b: `total` trivial tasks submitted over HTTP by `threads` clients

@@ -23,6 +23,7 @@
 
 mod cancel;
 mod http;
+mod machine;
 mod memory;
 mod native;
 mod overhead;
@@ -33,7 +34,7 @@ mod throughput;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
@@ -79,6 +80,8 @@ pub struct Scale {
     /// Part 2: tasks running, samples.
     pub http_running: usize,
     pub http_samples: usize,
+    /// Part 2: how long the machine's stalls are probed.
+    pub stall_probe: Duration,
     /// Part 3: loop iterations, fib argument, repetitions.
     pub loops: u64,
     pub fib: u64,
@@ -105,6 +108,7 @@ impl Scale {
                 samples_many: 5,
                 http_running: 20,
                 http_samples: 5,
+                stall_probe: Duration::from_millis(200),
                 loops: 1_000_000,
                 fib: 20,
                 reps: 1,
@@ -122,7 +126,8 @@ impl Scale {
                 samples_one: 1000,
                 samples_many: 1000,
                 http_running: 1000,
-                http_samples: 300,
+                http_samples: 1000,
+                stall_probe: Duration::from_secs(5),
                 loops: 400_000_000,
                 fib: 38,
                 reps: 7,
@@ -443,10 +448,21 @@ async fn part1(scale: &Scale) -> anyhow::Result<String> {
 }
 
 async fn part2(scale: &Scale) -> anyhow::Result<String> {
-    use stats::dur;
+    use stats::{dur, summarize};
+    // The machine first, with nothing else of this process running.
+    let probe_for = scale.stall_probe;
+    let stalls = tokio::task::spawn_blocking(move || machine::probe(probe_for)).await??;
     let dir = tempfile::tempdir()?;
-    let (cancels, gets) =
+    let (cancels, gets, chain) =
         http::cancel_under_load(dir.path(), scale.http_running, scale.http_samples).await?;
+    const TARGET: Duration = Duration::from_millis(2);
+    let over = |v: &[Duration]| {
+        let n = v.iter().filter(|c| **c > TARGET).count();
+        format!("{n} ({:.1}%)", n as f64 * 100.0 / v.len().max(1) as f64)
+    };
+    let cancels_over = over(&cancels);
+    let chains = chain.map(|c| (over(&c), summarize(c)));
+    let (cancels, gets) = (summarize(cancels), summarize(gets));
     let mut md = String::new();
     writeln!(
         md,
@@ -458,28 +474,67 @@ async fn part2(scale: &Scale) -> anyhow::Result<String> {
          the real router and task service with SQLite on disk. One at a time, a task is \
          canceled with `POST /v1/tasks/{{id}}/cancel {{\"grace_ms\":0,\"wait_ms\":30000}}`: the \
          200 answer is sent once `canceled` and the cancel record are committed, so the round \
-         trip bounds cancel → committed. Each is followed by an unrelated request (`GET` of \
-         another running task's record). Client: one keep-alive connection from a thread \
-         outside the server's runtime.\n",
-        scale.http_running
+         trip bounds cancel → committed. Each canceled task is replaced by a fresh one, running \
+         before the next sample, so that many run throughout. Each cancel is followed by an \
+         unrelated request (`GET` of another running task's record). Client: one keep-alive \
+         connection from a thread outside the server's runtime. Baseline, under the same load \
+         right after: a native chain of {} plain threads handing a token on, as many hand-offs \
+         as on a cancel's critical path (client → API worker → SQLite writer → API worker → \
+         writer → API worker → client), the same number of times with the same pauses; bare, \
+         then with some CPU work at each hand-off so that its median is near a cancel's.\n",
+        scale.http_running,
+        machine::CANCEL_HAND_OFFS
     )?;
-    writeln!(md, "| request | samples | p50 | p99 | max |")?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    writeln!(md, "| request | samples | p50 | p99 | max | over 2 ms |")?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
     writeln!(
         md,
-        "| cancel → committed (HTTP round trip) | {} | {} | {} | {} |",
+        "| cancel → committed (HTTP round trip) | {} | {} | {} | {} | {} |",
         cancels.n,
         dur(cancels.p50),
         dur(cancels.p99),
-        dur(cancels.max)
+        dur(cancels.max),
+        cancels_over
     )?;
     writeln!(
         md,
-        "| unrelated `GET /v1/tasks/{{id}}` | {} | {} | {} | {} |",
+        "| unrelated `GET /v1/tasks/{{id}}` | {} | {} | {} | {} | |",
         gets.n,
         dur(gets.p50),
         dur(gets.p99),
         dur(gets.max)
+    )?;
+    for ((chain_over, chain), work) in chains.iter().zip([Duration::ZERO, machine::HAND_OFF_WORK]) {
+        let label = if work.is_zero() {
+            String::new()
+        } else {
+            format!(", {} of CPU work each", dur(work))
+        };
+        writeln!(
+            md,
+            "| baseline: native chain of {} thread hand-offs{label} | {} | {} | {} | {} | {} |",
+            machine::CANCEL_HAND_OFFS,
+            chain.n,
+            dur(chain.p50),
+            dur(chain.p99),
+            dur(chain.max),
+            chain_over
+        )?;
+    }
+    let ms = Duration::from_millis(1);
+    writeln!(
+        md,
+        "\n**The machine's own stalls**, measured just before in the same run: one thread \
+         pinned to each of the {} CPUs spinning on the clock for {}, nothing else of this \
+         process running. Gaps between two clock reads (the CPU taken away by the hypervisor, \
+         an interrupt or a kernel thread): **{:.1} gaps of 1 ms or more per CPU and second**, \
+         {:.2}% of each CPU's time lost in them; longest {}. A cancel's round trip passes \
+         through several threads on both CPUs; a gap landing on one of them adds its length.\n",
+        stalls.cpus,
+        dur(stalls.took),
+        stalls.rate_over(ms),
+        stalls.lost_over(ms) * 100.0,
+        dur(stalls.longest())
     )?;
     Ok(md)
 }

@@ -37,10 +37,13 @@ fn quick_mode_runs_every_part_and_writes_every_table() {
         "| spinning | 10 |",
         "| WASI sleep | 1 |",
         "| blocked in a stdin read | 10 |",
+        "| cancel → committed (HTTP round trip) | 5 |",
+        "| baseline: native chain of 6 thread hand-offs | 5 |",
     ] {
         assert!(md.contains(row), "missing row {row}:\n{md}");
     }
     assert!(md.contains("**wasmtask as shipped**"), "{md}");
+    assert!(md.contains("**The machine's own stalls**"), "{md}");
     assert!(
         md.contains("pooling (as shipped)") || md.contains("pooling refused"),
         "{md}"
