@@ -22,6 +22,20 @@
 //!   poll returns, the guest goes to the back of the run queue, and the
 //!   thread takes the next one. Guests that wait in a host or WASI call are
 //!   not in the queue at all; their wake puts them at the back.
+//! - **Slice ends are scheduling points.** At the end of each guest's
+//!   slice the thread calls `sched_yield`. `SCHED_IDLE` is a weight
+//!   (3 against 1,024), not a strict class: a waking thread preempts a guest
+//!   at once, but a thread that was *preempted* (the SQLite writer by an API
+//!   worker, say) goes back to the run queue, and when that CPU picks again
+//!   an eligible guest can win; the kernel looks again only at its next
+//!   event on that CPU, a wake-up or the scheduler tick (every 4 ms at
+//!   `HZ=250`), and a guest in user code makes none. Traced with
+//!   `perf sched` under part 2's load: in one run the writer alone waited
+//!   over 1 ms behind a guest thread that way 19 times (up to 4.8 ms), and
+//!   the API workers did too (making only the writer real-time did not
+//!   shrink the tail). Yielding at every slice end bounds the wait by the
+//!   epoch tick; over 4 interleaved pairs of 1,000 HTTP cancels under load,
+//!   the share over 2 ms went from 3.5% to 2.1% (BENCHMARKS.md, part 2).
 //! - **Cancel jumps the queue.** A cancel (and a grace period or timeout
 //!   running out) marks the task *urgent* before waking it ([`Urgent`]); an
 //!   urgent wake puts the task at the *front* of the run queue, moving it
@@ -271,6 +285,10 @@ fn poll_job(shared: &Shared, job: Arc<Job>) {
         if q.jobs.len() > 1 {
             shared.ready.notify_one();
         }
+        drop(q);
+        // The guest's slice is over: let the kernel choose what runs next
+        // on this CPU (see "Slice ends are scheduling points" above).
+        std::thread::yield_now();
     } else {
         *state = State::Idle;
     }
