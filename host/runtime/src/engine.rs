@@ -384,9 +384,58 @@ fn prepare(
     })
 }
 
+/// Memory mappings the process needs per task slot, as measured with the
+/// pooling allocator (BENCHMARKS.md, part 6): 2 per slot even unused (its
+/// fiber stack and guard page), 4 more per instantiated task with one
+/// memory and one table; room is left for guests with more.
+const MAPPINGS_PER_SLOT: usize = 2;
+const MAPPINGS_PER_TASK: usize = 6;
+/// Mappings left for the rest of the process (thread stacks, libraries,
+/// the heap, SQLite).
+const MAPPINGS_RESERVED: usize = 8192;
+
+/// The most tasks that fit at once under a per-process cap of
+/// `max_map_count` memory mappings.
+pub fn concurrency_cap(max_map_count: usize) -> usize {
+    (max_map_count.saturating_sub(MAPPINGS_RESERVED) / (MAPPINGS_PER_SLOT + MAPPINGS_PER_TASK))
+        .max(1)
+}
+
+/// This kernel's cap on a process's memory mappings (`vm.max_map_count`),
+/// when it can be read.
+pub fn max_map_count() -> Option<usize> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `max_concurrent`, lowered (with a warning) to what the kernel lets one
+/// process map. Past the cap an `mmap` fails: an instantiation then fails
+/// cleanly, but a heap allocation anywhere in the process aborts it (seen
+/// with 10,000 parked tasks under the default cap of 65,530).
+fn fit_to_map_limit(mut config: RuntimeConfig, limit: Option<usize>) -> RuntimeConfig {
+    if let Some(limit) = limit {
+        let cap = concurrency_cap(limit);
+        if config.max_concurrent > cap {
+            tracing::warn!(
+                max_concurrent = config.max_concurrent,
+                allowed = cap,
+                vm_max_map_count = limit,
+                "max_concurrent lowered: each task needs memory mappings and the kernel caps \
+                 them per process; raise vm.max_map_count to run more tasks at once"
+            );
+            config.max_concurrent = cap;
+        }
+    }
+    config
+}
+
 impl Runtime {
-    /// Creates the engine(s) and starts the epoch ticker.
+    /// Creates the engine(s) and starts the epoch ticker. `max_concurrent`
+    /// is lowered to what `vm.max_map_count` allows (see
+    /// [`concurrency_cap`]); [`Runtime::config`] tells the value in force.
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        let config = fit_to_map_limit(config, max_map_count());
         let engines = EngineSet::new(&config)?;
         let slots = config.cpu_slots.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -608,4 +657,47 @@ fn spawn_ticker(rt: std::sync::Weak<RuntimeInner>, stop: Arc<AtomicBool>) -> any
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_map_cap_lowers_max_concurrent_only_past_it() {
+        // The default cap of Linux: about 7,000 tasks at once.
+        assert_eq!(concurrency_cap(65_530), 7_167);
+        let asked = |n| RuntimeConfig {
+            max_concurrent: n,
+            ..RuntimeConfig::default()
+        };
+        assert_eq!(
+            fit_to_map_limit(asked(10_016), Some(65_530)).max_concurrent,
+            7_167
+        );
+        assert_eq!(
+            fit_to_map_limit(asked(1_000), Some(65_530)).max_concurrent,
+            1_000
+        );
+        assert_eq!(
+            fit_to_map_limit(asked(10_016), Some(262_144)).max_concurrent,
+            10_016
+        );
+        // Unknown cap (not Linux, /proc unreadable): as asked.
+        assert_eq!(fit_to_map_limit(asked(10_016), None).max_concurrent, 10_016);
+        // A tiny cap still leaves one task.
+        assert_eq!(concurrency_cap(100), 1);
+    }
+
+    #[test]
+    fn a_runtime_reports_the_max_concurrent_in_force() {
+        let rt = Runtime::new(RuntimeConfig {
+            max_concurrent: 1 << 20,
+            pooling: false,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        let want = max_map_count().map_or(1 << 20, concurrency_cap);
+        assert_eq!(rt.config().max_concurrent, want);
+    }
 }

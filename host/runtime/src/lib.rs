@@ -32,7 +32,9 @@ mod scheduler;
 mod task;
 
 pub use cancel::{CancelAck, CancelHandle, CancelRequest};
-pub use engine::{LoadError, Plugin, PluginKind, Runtime, RuntimeConfig};
+pub use engine::{
+    LoadError, Plugin, PluginKind, Runtime, RuntimeConfig, concurrency_cap, max_map_count,
+};
 pub use host::{GuestCaps, GuestEvent};
 pub use limits::{LimitHit, LimitKind, TaskLimits};
 pub use sandbox::{Captured, Preopen, SandboxError, Stdin, Tee, WasiSpec};
