@@ -52,8 +52,9 @@
 //! with `synchronous = NORMAL` SQLite skips the `fsync` at each commit and
 //! syncs only at checkpoints — which run on a thread of their own
 //! (`db/checkpoint.rs`), never inside a commit on the writer. Once
-//! `write(2)` returned, the data is in the kernel's page cache, which survives the death of the process (SIGKILL, OOM
-//! kill, abort): the next open replays the WAL. So a process kill loses
+//! `write(2)` returned, the data is in the kernel's page cache, which
+//! survives the death of the process (SIGKILL, OOM kill, abort): the next
+//! open replays the WAL. So a process kill loses
 //! nothing that was acknowledged. What `NORMAL` does **not** survive is a
 //! power loss or kernel crash: the last transactions before it may be rolled
 //! back (the database stays consistent, never corrupt). Operators who need

@@ -206,6 +206,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         scale.samples_many = n;
     }
     scale.native = !args.no_native;
+    if args.part6_alone {
+        print!("{}", memory::part6(&scale).await?);
+        return Ok(());
+    }
     let want = |part: u8| args.only.is_empty() || args.only.contains(&part);
     let started = Instant::now();
     let mut md = header(&args)?;
@@ -229,7 +233,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             3 => part3(&scale).await,
             4 => startup::part4(&scale).await,
             5 => throughput::part5(&scale).await,
-            _ if args.part6_alone => memory::part6(&scale).await,
             _ => part6_in_fresh_process(args.quick).await,
         }
         .with_context(|| format!("part {n} ({name})"))?;
@@ -237,10 +240,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "wasmtask-bench: part {n} done in {:.1} s",
             t0.elapsed().as_secs_f64()
         );
-        if args.part6_alone {
-            print!("{section}");
-            return Ok(());
-        }
         println!("{section}");
         md.push_str(&section);
         md.push('\n');
@@ -256,7 +255,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn part6_in_fresh_process(quick: bool) -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.args(["--only", "6", "--part6-alone"]);
+    cmd.arg("--part6-alone");
     if quick {
         cmd.arg("--quick");
     }
