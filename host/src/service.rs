@@ -526,6 +526,13 @@ impl Service {
                 return bad(format!("env: invalid variable name or value `{k}`"));
             }
         }
+        if let Some(cwd) = &spec.cwd
+            && (!cwd.starts_with('/') || cwd.contains('\0'))
+        {
+            return bad(format!(
+                "cwd: `{cwd}` must be an absolute guest path (one starting with `/`)"
+            ));
+        }
         if spec.args.iter().any(|a| a.contains('\0')) {
             return bad("args: an argument contains a NUL byte".into());
         }

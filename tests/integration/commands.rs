@@ -189,3 +189,18 @@ async fn a_command_starts_in_its_working_directory() {
     let v = json(&report.stdout.data);
     assert_eq!(v["total"]["words"], 2, "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relative_or_empty_working_directory_is_refused_before_the_guest_starts() {
+    for cwd in ["src", "", "./src"] {
+        let mut req = request("wc", json!(null));
+        req.wasi.cwd = Some(cwd.into());
+        match crate::support::runtime().spawn(req) {
+            Err(wasmtask_runtime::StartError::Sandbox(e)) => {
+                assert!(e.to_string().contains("absolute"), "{cwd:?}: {e}");
+            }
+            Err(e) => panic!("{cwd:?}: wrong error: {e}"),
+            Ok(_) => panic!("{cwd:?}: a task started with a relative working directory"),
+        }
+    }
+}

@@ -653,6 +653,15 @@ fn bad_requests_get_their_error_codes_and_change_nothing() {
             "invalid_spec",
         ),
         (
+            "relative cwd",
+            "/v1/tasks",
+            json!({"plugin": "wc", "cwd": "d", "dirs": [{"host": allowed.path(), "guest": "/d"}]})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid_spec",
+        ),
+        (
             "input for a command",
             "/v1/tasks",
             json!({"plugin": "wc", "input": {"a": 1}})

@@ -287,6 +287,10 @@ pub enum SandboxError {
     #[error("invalid guest path {0:?}: it must be non-empty and contain no NUL")]
     GuestPath(String),
     #[error(
+        "invalid working directory {0:?}: it must be an absolute guest path and contain no NUL"
+    )]
+    Cwd(String),
+    #[error(
         "invalid environment variable {0:?}: names must be non-empty and contain no '=' or NUL"
     )]
     EnvName(String),
@@ -379,8 +383,8 @@ pub(crate) fn build(
             })?;
     }
     if let Some(cwd) = &spec.cwd {
-        if cwd.is_empty() || cwd.contains('\0') {
-            return Err(SandboxError::GuestPath(cwd.clone()));
+        if !cwd.starts_with('/') || cwd.contains('\0') {
+            return Err(SandboxError::Cwd(cwd.clone()));
         }
         b.initial_cwd(cwd);
         if let Some((dir, host)) = cwd_preopen(&spec.dirs, cwd)? {
