@@ -99,8 +99,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::model::{
-    Event, Finish, NewEvent, PluginKind, RunRecord, RunState, RunView, TaskRecord, TaskSpec,
-    TaskState, UnixMillis,
+    Event, Finish, NewEvent, PluginKind, RunRecord, RunState, RunView, RunWorkspace, TaskRecord,
+    TaskSpec, TaskState, UnixMillis,
 };
 
 pub use events::{MAX_EVENT_DATA_BYTES, MAX_EVENT_MESSAGE_BYTES, MAX_EVENTS_PAGE};
@@ -283,6 +283,9 @@ pub struct NewRun {
     /// When a task fails, abort the rest (recorded; the service acts on it).
     pub fail_fast: bool,
     pub created_at: UnixMillis,
+    /// Abort the run when it has not ended this long after `created_at`.
+    pub timeout_ms: Option<u64>,
+    pub workspace: Option<RunWorkspace>,
 }
 
 /// An abort of a run, as asked by a user or by fail-fast.

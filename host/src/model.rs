@@ -707,6 +707,27 @@ pub struct RunRecord {
     /// Set once an abort was requested (explicitly, or by fail-fast).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub abort: Option<RunAbort>,
+    /// The run is aborted when it has not ended this long after its
+    /// creation (kept across restarts of the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// The run's workspace as prepared: where it is on the host and what
+    /// becomes of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<RunWorkspace>,
+}
+
+/// A run's prepared workspace, as stored with the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunWorkspace {
+    /// The host directory the run's tasks mount.
+    pub host: String,
+    /// Where they see it.
+    pub guest: String,
+    /// Whether it is the run's own copy (deleted per `cleanup`), rather than
+    /// a directory used in place (never deleted).
+    pub owned: bool,
+    pub cleanup: WorkspaceCleanup,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

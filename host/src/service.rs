@@ -264,7 +264,25 @@ impl Service {
         };
         service.register_builtins().await?;
         service.register_uploaded().await?;
+        // Runs a previous process left unfinished: this one applies their
+        // workspace policy when they end, and their timeouts (counted from
+        // their creation; one already past aborts the run now).
+        let now = now_millis();
         for run in service.inner.db.unfinished_runs().await? {
+            if let Some(w) = &run.workspace {
+                lock(&service.inner.state)
+                    .workspaces
+                    .insert(run.id.clone(), Workspace::from_record(w));
+            }
+            if let Some(ms) = run.timeout_ms
+                && run.state == RunState::Running
+            {
+                let deadline = run
+                    .created_at
+                    .saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
+                let left = u64::try_from(deadline.saturating_sub(now)).unwrap_or(0);
+                service.arm_run_timeout(run.id.clone(), ms, Duration::from_millis(left));
+            }
             service.run_progress(&run.id).await;
         }
         let dispatcher = service.clone();
@@ -754,6 +772,8 @@ impl Service {
                     name: r.name.clone(),
                     fail_fast: r.fail_fast,
                     created_at: now,
+                    timeout_ms: r.timeout_ms,
+                    workspace: workspace.as_ref().map(Workspace::record),
                 },
                 tasks,
             )
@@ -774,28 +794,33 @@ impl Service {
             self.inner.metrics.count_submitted();
         }
         if let Some(ms) = r.timeout_ms {
-            let svc = self.clone();
-            let id = run_id.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = svc.inner.stop.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(ms)) => {
-                        let c = Cancel {
-                            actor: "timeout".into(),
-                            reason: Some(format!("run timeout: not finished after {ms} ms")),
-                            grace_ms: None,
-                            wait: None,
-                        };
-                        match svc.abort(&id, c).await {
-                            Ok(_) | Err(ServiceError::RunFinished(_)) => {}
-                            Err(e) => tracing::warn!(run = %id, error = %e, "run timeout abort failed"),
-                        }
-                    }
-                }
-            });
+            self.arm_run_timeout(run_id.clone(), ms, Duration::from_millis(ms));
         }
         self.inner.wake.notify_one();
         Ok(view)
+    }
+
+    /// Aborts run `run_id` (its timeout of `timeout_ms` passed) after
+    /// `after`, unless it has ended by then or the service stops first.
+    fn arm_run_timeout(&self, run_id: String, timeout_ms: u64, after: Duration) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = svc.inner.stop.cancelled() => {}
+                _ = tokio::time::sleep(after) => {
+                    let c = Cancel {
+                        actor: "timeout".into(),
+                        reason: Some(format!("run timeout: not finished after {timeout_ms} ms")),
+                        grace_ms: None,
+                        wait: None,
+                    };
+                    match svc.abort(&run_id, c).await {
+                        Ok(_) | Err(ServiceError::RunFinished(_)) => {}
+                        Err(e) => tracing::warn!(run = %run_id, error = %e, "run timeout abort failed"),
+                    }
+                }
+            }
+        });
     }
 
     /// The host directory of a run's workspace while the run lasts.

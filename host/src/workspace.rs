@@ -21,13 +21,17 @@
 //!   source tree cannot smuggle a path outside itself into the workspace.
 //! - A run that could not be created leaves no copy behind.
 //!
-//! Known limit: which copy belongs to which run is kept in the memory of the
-//! process that created it; a copy whose process died before the run ended is
-//! left under `<workspace_dir>` (nothing else is ever written there).
+//! - The prepared workspace is stored with its run ([`Workspace::record`]),
+//!   so a server started after the one that made the copy died applies the
+//!   policy when the run ends.
+//!
+//! Known limit: a copy made for a run whose creation did not commit (the
+//! process died between the copy and the commit) is left under
+//! `<workspace_dir>`, named after a run id no run has.
 
 use std::path::{Path, PathBuf};
 
-use crate::model::{RunState, WorkspaceCleanup, WorkspaceSpec};
+use crate::model::{RunState, RunWorkspace, WorkspaceCleanup, WorkspaceSpec};
 
 /// The default guest path of a workspace.
 pub const DEFAULT_GUEST: &str = "/workspace";
@@ -149,6 +153,26 @@ impl Workspace {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
             Err(e) => Err(e),
+        }
+    }
+
+    /// How it is stored with its run.
+    pub fn record(&self) -> RunWorkspace {
+        RunWorkspace {
+            host: self.host.to_string_lossy().into_owned(),
+            guest: self.guest.clone(),
+            owned: self.owned,
+            cleanup: self.cleanup,
+        }
+    }
+
+    /// The workspace a stored run names.
+    pub fn from_record(r: &RunWorkspace) -> Workspace {
+        Workspace {
+            host: PathBuf::from(&r.host),
+            guest: r.guest.clone(),
+            owned: r.owned,
+            cleanup: r.cleanup,
         }
     }
 

@@ -131,6 +131,77 @@ fn kill_9_then_restart_settles_every_task() {
     assert!(s.all_tasks("&state=running").is_empty());
 }
 
+#[test]
+fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
+    let allowed = tempfile::tempdir().unwrap();
+    let allowed_dir = std::fs::canonicalize(allowed.path()).unwrap();
+    let src = allowed_dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a.txt"), "a").unwrap();
+    let cfg = fixtures_config(&format!(
+        "allowed_dirs = [{:?}]",
+        allowed_dir.to_str().unwrap()
+    ));
+    let mut s = Server::start(&cfg, None);
+    const TIMEOUT_MS: i64 = 4000;
+    let (status, v) = s.post(
+        "/v1/runs",
+        &json!({
+            "timeout_ms": TIMEOUT_MS,
+            "workspace": {"source": src, "cleanup": "always"},
+            "tasks": [{"plugin": "spin-loop", "key": "spin", "max_attempts": 2}],
+        }),
+    );
+    assert_eq!(status, 201, "{v}");
+    let run_id = v["run"]["id"].as_str().unwrap().to_owned();
+    let created_at = v["run"]["created_at"].as_i64().unwrap();
+    assert_eq!(v["run"]["timeout_ms"], TIMEOUT_MS, "{v:#}");
+    let ws = &v["run"]["workspace"];
+    assert_eq!(
+        (&ws["guest"], &ws["owned"], &ws["cleanup"]),
+        (&json!("/workspace"), &json!(true), &json!("always")),
+        "{v:#}"
+    );
+    let copy = std::path::PathBuf::from(ws["host"].as_str().unwrap());
+    assert!(
+        copy.join("a.txt").is_file(),
+        "no copy at {}",
+        copy.display()
+    );
+    let spin = v["tasks"][0]["id"].as_str().unwrap().to_owned();
+    s.wait_state(&spin, "running", SECS_30);
+
+    // The process that made the copy and armed the timeout dies; the next
+    // one runs the step again, times the run out (counted from its
+    // creation) and deletes the copy.
+    s.kill9();
+    s.restart();
+    let view = s.wait_run(&run_id, SECS_30);
+    let run = &view["run"];
+    assert_eq!(run["state"], "failed", "{view:#}");
+    assert_eq!(run["abort"]["actor"], "timeout", "{view:#}");
+    assert!(
+        run["abort"]["requested_at"].as_i64().unwrap() >= created_at + TIMEOUT_MS,
+        "{view:#}"
+    );
+    let t = &view["tasks"][0];
+    assert_eq!(
+        (&t["state"], &t["attempt"]),
+        (&json!("canceled"), &json!(2)),
+        "{view:#}"
+    );
+    assert!(!copy.exists(), "the copy {} is still there", copy.display());
+    let events = s.run_events(&run_id);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["data"]["message"] == "workspace deleted" && e["data"]["deleted"] == true),
+        "{:?}",
+        kinds(&events)
+    );
+    assert!(src.join("a.txt").is_file(), "the source was touched");
+}
+
 // ---------------------------------------------------------------------
 // 2. A thousand concurrent cancels
 // ---------------------------------------------------------------------

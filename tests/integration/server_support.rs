@@ -339,6 +339,31 @@ impl Server {
         }
     }
 
+    /// Waits until run `id` has ended; returns its view (run and tasks).
+    pub fn wait_run(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, v) = self.get(&format!("/v1/runs/{id}"));
+            assert_eq!(status, 200, "run {id}: {v}");
+            if ["succeeded", "failed", "aborted"]
+                .contains(&v["run"]["state"].as_str().unwrap_or(""))
+            {
+                return v;
+            }
+            if Instant::now() >= deadline {
+                panic!("run {id} did not end within {timeout:?}: {v:#}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The JSON events page of a run (all of it).
+    pub fn run_events(&self, id: &str) -> Vec<Value> {
+        let (status, v) = self.get(&format!("/v1/runs/{id}/events"));
+        assert_eq!(status, 200, "events of run {id}: {v}");
+        v["events"].as_array().unwrap().clone()
+    }
+
     /// The JSON events page of a task (all of it).
     pub fn events(&self, id: &str) -> Vec<Value> {
         let (status, v) = self.get(&format!("/v1/tasks/{id}/events"));

@@ -13,7 +13,8 @@ use serde_json::json;
 
 use super::{
     DbError, MAX_ACTOR_BYTES, MAX_REASON_BYTES, NewRun, NewTask, Result, RunAbortDecision,
-    RunAbortRequest, RunFailure, RunGate, RunProgress, events, from_sql_u64, tasks, truncate_utf8,
+    RunAbortRequest, RunFailure, RunGate, RunProgress, events, from_sql_u64, tasks, to_sql_u64,
+    truncate_utf8,
 };
 use crate::model::{
     EventKind, NewEvent, RunAbort, RunRecord, RunState, RunView, TaskRecord, TaskState, UnixMillis,
@@ -26,7 +27,7 @@ pub const MAX_RUNS_PAGE: usize = 1000;
 
 const RUN_COLUMNS: &str =
     "id, name, state, fail_fast, created_at, finished_at, abort_actor, abort_reason,
-     abort_requested_at";
+     abort_requested_at, timeout_ms, workspace";
 
 // ---------------------------------------------------------------------------
 // Row mapping and reads (also used inside write jobs)
@@ -54,7 +55,17 @@ fn run_from_row(row: &Row<'_>) -> Result<RunRecord> {
         }),
         _ => None,
     };
+    let workspace = match row.get::<_, Option<String>>("workspace")? {
+        None => None,
+        Some(text) => Some(serde_json::from_str(&text).map_err(|e| DbError::Corrupt {
+            id: id.clone(),
+            what: "run workspace",
+            detail: e.to_string(),
+        })?),
+    };
     Ok(RunRecord {
+        timeout_ms: row.get::<_, Option<i64>>("timeout_ms")?.map(from_sql_u64),
+        workspace,
         name: row.get("name")?,
         state,
         fail_fast: row.get("fail_fast")?,
@@ -252,15 +263,27 @@ pub(super) fn insert(conn: &Connection, run: &NewRun, new_tasks: &[NewTask]) -> 
     if exists(conn, &run.id)? {
         return Err(DbError::RunExists(run.id.clone()));
     }
+    let workspace = run
+        .workspace
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|source| DbError::Encode {
+            what: "run workspace",
+            source,
+        })?;
     conn.prepare_cached(
-        "INSERT INTO runs (id, name, state, fail_fast, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO runs (id, name, state, fail_fast, created_at, timeout_ms, workspace)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params![
         run.id,
         run.name,
         RunState::Running.as_str(),
         run.fail_fast,
-        run.created_at
+        run.created_at,
+        run.timeout_ms.map(to_sql_u64),
+        workspace,
     ])?;
     events::insert(
         conn,

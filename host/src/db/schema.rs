@@ -60,7 +60,7 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Schema steps; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// Version 1: plugins, runs, tasks, cancels and events.
 ///
@@ -213,6 +213,15 @@ ALTER TABLE plugins DROP COLUMN name;
 /// every task row of the run.
 const V4: &str = r#"
 CREATE INDEX tasks_by_run_state ON tasks (run_id, state);
+"#;
+
+/// Version 5: a run keeps its timeout and its prepared workspace (JSON:
+/// host path, guest path, whether the run owns it, cleanup policy), so a
+/// server started after another one died still times the run out and still
+/// cleans its workspace copy up when it ends. Earlier runs have neither.
+const V5: &str = r#"
+ALTER TABLE runs ADD COLUMN timeout_ms INTEGER CHECK (timeout_ms IS NULL OR timeout_ms > 0);
+ALTER TABLE runs ADD COLUMN workspace TEXT;
 "#;
 
 /// Opens the read-write connection the writer thread owns: WAL, the chosen

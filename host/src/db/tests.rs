@@ -11,7 +11,7 @@ use tempfile::TempDir;
 use super::*;
 use crate::model::{
     CancelRecord, CancelStop, Captured, DirSpec, ErrorKind, EventKind, Limits, Progress, RunAbort,
-    TaskError, Usage, now_millis,
+    RunWorkspace, TaskError, Usage, WorkspaceCleanup, now_millis,
 };
 
 async fn open_temp() -> (TempDir, Db) {
@@ -258,6 +258,8 @@ async fn insert_then_get_round_trips_every_field() {
                 name: Some("nightly".into()),
                 fail_fast: false,
                 created_at: 5,
+                timeout_ms: None,
+                workspace: None,
             },
             Vec::new(),
         )
@@ -822,6 +824,8 @@ async fn list_filters_and_pages_by_cursor() {
             name: None,
             fail_fast: false,
             created_at: 1,
+            timeout_ms: None,
+            workspace: None,
         },
         Vec::new(),
     )
@@ -1407,6 +1411,8 @@ fn new_run(id: &str, created_at: UnixMillis) -> NewRun {
         name: Some(format!("run {id}")),
         fail_fast: false,
         created_at,
+        timeout_ms: None,
+        workspace: None,
     }
 }
 
@@ -1455,7 +1461,10 @@ async fn a_v1_database_is_upgraded_in_place() {
     }
 
     let db = Db::open(&path).await.unwrap();
-    assert_eq!(db.read(schema::user_version).await.unwrap(), 4);
+    assert_eq!(
+        db.read(schema::user_version).await.unwrap(),
+        schema::MIGRATIONS.len() as i64
+    );
     // The plugin keeps its one name as its first registration.
     let plugin = db.get_plugin("echo").await.unwrap().unwrap();
     assert_eq!((plugin.id.as_str(), plugin.created_at), ("digest", 1));
@@ -1471,6 +1480,8 @@ async fn a_v1_database_is_upgraded_in_place() {
             created_at: 100,
             finished_at: None,
             abort: None,
+            timeout_ms: None,
+            workspace: None,
         }
     );
     let view = db.run_view("r_old").await.unwrap().unwrap();
@@ -1530,7 +1541,10 @@ async fn a_v1_database_is_upgraded_in_place() {
 
     // Reopening applies nothing more and keeps it all.
     let db = Db::open(&path).await.unwrap();
-    assert_eq!(db.read(schema::user_version).await.unwrap(), 4);
+    assert_eq!(
+        db.read(schema::user_version).await.unwrap(),
+        schema::MIGRATIONS.len() as i64
+    );
     assert_eq!(db.get_run("r_old").await.unwrap(), Some(run));
     assert_eq!(
         db.get_task("t_old").await.unwrap().unwrap().state,
@@ -1546,8 +1560,16 @@ async fn insert_run_stores_the_run_and_its_tasks_in_one_transaction() {
     let mut tasks: Vec<NewTask> = (0..3).map(|_| new_task(&plugin)).collect();
     // Whatever run the tasks named, they join this one.
     tasks[1].run_id = Some("r_elsewhere".into());
+    let workspace = RunWorkspace {
+        host: "/var/lib/wasmtask/workspaces/r_1".into(),
+        guest: "/workspace".into(),
+        owned: true,
+        cleanup: WorkspaceCleanup::OnSuccess,
+    };
     let run = NewRun {
         fail_fast: true,
+        timeout_ms: Some(60_000),
+        workspace: Some(workspace.clone()),
         ..new_run("r_1", 1_000)
     };
     let view = db.insert_run(run, tasks.clone()).await.unwrap();
@@ -1561,8 +1583,12 @@ async fn insert_run_stores_the_run_and_its_tasks_in_one_transaction() {
             created_at: 1_000,
             finished_at: None,
             abort: None,
+            timeout_ms: Some(60_000),
+            workspace: Some(workspace),
         }
     );
+    // A restarted process finds them among the unfinished runs.
+    assert_eq!(db.unfinished_runs().await.unwrap(), vec![view.run.clone()]);
     let ids: Vec<&str> = view.tasks.iter().map(|t| t.id.as_str()).collect();
     let given: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
     assert_eq!(ids, given);
@@ -2081,6 +2107,8 @@ async fn run_progress_counts_and_finds_the_first_failure() {
             name: None,
             fail_fast: true,
             created_at: 1,
+            timeout_ms: None,
+            workspace: None,
         },
         vec![a.clone(), b.clone(), c.clone(), d.clone()],
     )
