@@ -204,3 +204,53 @@ async fn a_relative_or_empty_working_directory_is_refused_before_the_guest_start
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview1_module_is_compiled_once_into_the_cache_and_read_back_from_it() {
+    let cache = tempfile::tempdir().unwrap();
+    let config = || wasmtask_runtime::RuntimeConfig {
+        max_concurrent: 4,
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..wasmtask_runtime::RuntimeConfig::default()
+    };
+    let artifacts = || -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.path(), e.metadata().unwrap().modified().unwrap())
+            })
+            .filter(|(p, _)| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect()
+    };
+    let bytes = crate::support::fixture("p1-command");
+    let run_in = |rt: wasmtask_runtime::Runtime| async move {
+        let mut req = request("p1-command", json!(null));
+        req.plugin = rt.load_async(bytes.to_vec()).await.expect("loads");
+        req.wasi.args = vec!["x".into()];
+        req.wasi.env = vec![("EXIT_CODE".into(), "7".into())];
+        let report = rt.spawn(req).expect("spawn").wait().await;
+        assert_eq!(report.end, TaskEnd::Exited(7), "{report:?}");
+        String::from_utf8_lossy(&report.stdout.data).into_owned()
+    };
+
+    // A first runtime compiles it and writes one artifact.
+    let first = run_in(wasmtask_runtime::Runtime::new(config()).unwrap()).await;
+    let written = artifacts();
+    assert_eq!(written.len(), 1, "{written:?}");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+
+    // A second one (a restarted server) reads it back: nothing is rewritten.
+    let second = run_in(wasmtask_runtime::Runtime::new(config()).unwrap()).await;
+    assert_eq!(second, first);
+    assert_eq!(artifacts(), written, "the artifact was compiled again");
+
+    // A damaged artifact is not trusted: the module is compiled again.
+    std::fs::write(&written[0].0, b"not an artifact").unwrap();
+    let third = run_in(wasmtask_runtime::Runtime::new(config()).unwrap()).await;
+    assert_eq!(third, first);
+    assert!(
+        std::fs::read(&written[0].0).unwrap().len() > 100,
+        "the damaged artifact was not replaced"
+    );
+}

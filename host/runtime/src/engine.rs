@@ -8,11 +8,12 @@
 //!   pay for it). Both share the ticker.
 //! - A single ticker thread advances the epoch every
 //!   [`RuntimeConfig::epoch_tick`]; a cancel additionally bumps it at once.
-//! - Components are compiled only from bytes given to [`Runtime::load`];
-//!   precompiled artifacts are produced by this process and read back from
-//!   the cache directory only (never accepted from users). The cache key is the
-//!   SHA-256 of the component and the engine's compatibility hash, so a
-//!   wasmtime upgrade or a config change never loads a stale artifact.
+//! - Components and core modules are compiled only from bytes given to
+//!   [`Runtime::load`]; precompiled artifacts are produced by this process
+//!   and read back from the cache directory only (never accepted from
+//!   users). The cache key is the SHA-256 of the plugin and the engine's
+//!   compatibility hash, so a wasmtime upgrade or a config change never
+//!   loads a stale artifact.
 //! - A plugin is pre-linked (`InstancePre`) once; instantiation per task then
 //!   only allocates (pooling allocator where the machine allows it).
 //! - A WASI preview-1 *core module* (what `wasm32-wasip1` toolchains emit) is
@@ -505,7 +506,7 @@ impl Runtime {
         let engine = &self.inner.engines.plain;
         let core = is_core_module(bytes);
         let (kind, plain) = if core {
-            let module = compile_core(engine, bytes)?;
+            let module = self.compile_core(engine, bytes, digest, false)?;
             (
                 PluginKind::Command,
                 prepare_core(&module, &self.inner.engines.plain_linker.core)?,
@@ -546,7 +547,8 @@ impl Runtime {
         }
         let (engine, linkers) = self.inner.engines.fuel()?;
         let prepared = if plugin.inner.core {
-            let module = compile_core(engine, &plugin.inner.bytes)?;
+            let module =
+                self.compile_core(engine, &plugin.inner.bytes, &plugin.inner.digest, true)?;
             prepare_core(&module, &linkers.core)?
         } else {
             let component =
@@ -562,14 +564,10 @@ impl Runtime {
             .ok_or_else(|| LoadError::Invalid("fuel variant vanished".into()))
     }
 
-    fn compile(
-        &self,
-        engine: &Engine,
-        bytes: &[u8],
-        digest: &str,
-        fuel: bool,
-    ) -> Result<Component, LoadError> {
-        let cache_path = self.inner.config.cache_dir.as_ref().map(|dir| {
+    /// Where the compiled form of `digest` for `engine` is cached, if a
+    /// cache directory is configured.
+    fn cache_path(&self, engine: &Engine, digest: &str, fuel: bool) -> Option<PathBuf> {
+        self.inner.config.cache_dir.as_ref().map(|dir| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
             engine.precompile_compatibility_hash().hash(&mut h);
             let hex = digest.trim_start_matches("sha256:");
@@ -578,30 +576,77 @@ impl Runtime {
                 h.finish(),
                 if fuel { "-fuel" } else { "" }
             ))
-        });
-        if let Some(path) = &cache_path
-            && path.exists()
-        {
-            // SAFETY: files in the cache directory are written only by
-            // `Component::serialize` of this process family (below), keyed
-            // by the engine's compatibility hash; user bytes are never
-            // deserialized. A corrupt file fails to load and is recompiled.
-            match unsafe { Component::deserialize_file(engine, path) } {
-                Ok(c) => return Ok(c),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cached component");
-                }
+        })
+    }
+
+    /// Compiles a component, through the on-disk cache.
+    fn compile(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        digest: &str,
+        fuel: bool,
+    ) -> Result<Component, LoadError> {
+        cached(
+            self.cache_path(engine, digest, fuel),
+            // SAFETY: see `cached`.
+            |path| unsafe { Component::deserialize_file(engine, path) },
+            || Component::from_binary(engine, bytes),
+            Component::serialize,
+        )
+    }
+
+    /// Compiles a core (preview-1) module, through the on-disk cache.
+    fn compile_core(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        digest: &str,
+        fuel: bool,
+    ) -> Result<wasmtime::Module, LoadError> {
+        cached(
+            self.cache_path(engine, digest, fuel),
+            // SAFETY: see `cached`.
+            |path| unsafe { wasmtime::Module::deserialize_file(engine, path) },
+            || wasmtime::Module::from_binary(engine, bytes),
+            wasmtime::Module::serialize,
+        )
+    }
+}
+
+/// Loads the compiled artifact at `path` if there is one, or else compiles
+/// it and writes it there.
+///
+/// Safety of `deserialize`: files in the cache directory are written only by
+/// `serialize` of this process family (here), keyed by the content digest
+/// and the engine's compatibility hash; user bytes are never deserialized.
+/// A corrupt file fails to load and is recompiled.
+fn cached<T>(
+    path: Option<PathBuf>,
+    deserialize: impl FnOnce(&std::path::Path) -> wasmtime::Result<T>,
+    compile: impl FnOnce() -> wasmtime::Result<T>,
+    serialize: impl FnOnce(&T) -> wasmtime::Result<Vec<u8>>,
+) -> Result<T, LoadError> {
+    if let Some(path) = &path
+        && path.exists()
+    {
+        match deserialize(path) {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable cached artifact");
             }
         }
-        let component = Component::from_binary(engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
-        if let Some(path) = &cache_path
-            && let Err(e) = write_cache(path, &component)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write component cache");
-        }
-        Ok(component)
     }
+    let compiled = compile().map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
+    if let Some(path) = &path {
+        let written = serialize(&compiled)
+            .map_err(wt)
+            .and_then(|bytes| write_cache(path, &bytes));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the compile cache");
+        }
+    }
+    Ok(compiled)
 }
 
 /// A core module has version `1` and layer `0` after the magic; a component
@@ -610,20 +655,13 @@ fn is_core_module(bytes: &[u8]) -> bool {
     bytes.get(4..8) == Some(&[1, 0, 0, 0])
 }
 
-/// Compiles a core module. Not cached on disk (unlike components): preview-1
-/// modules are the compatibility path, and a compile is tens of ms.
-fn compile_core(engine: &Engine, bytes: &[u8]) -> Result<wasmtime::Module, LoadError> {
-    wasmtime::Module::from_binary(engine, bytes).map_err(|e| LoadError::Invalid(format!("{e:#}")))
-}
-
 /// Locks a mutex whose data stays valid even if a holder panicked (plain
 /// maps and slots, each update a single assignment).
 fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write_cache(path: &std::path::Path, component: &Component) -> anyhow::Result<()> {
-    let bytes = component.serialize().map_err(wt)?;
+fn write_cache(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
