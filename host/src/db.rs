@@ -241,6 +241,20 @@ pub struct RunGate {
     pub states: std::collections::HashMap<String, TaskState>,
 }
 
+/// A queued task as the dispatcher reads it ([`Db::queued_for_dispatch`]):
+/// only what deciding whether to start it takes. Starting it returns the
+/// whole record ([`Db::mark_started`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedTask {
+    pub id: String,
+    pub plugin_name: String,
+    pub run_id: Option<String>,
+    /// Its spec's lock keys.
+    pub locks: Vec<String>,
+    /// Its spec's `needs` (keys of tasks of its run).
+    pub needs: Vec<String>,
+}
+
 /// A run's progress as counted in the database ([`Db::run_progress`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunProgress {
@@ -751,7 +765,7 @@ impl Db {
         scan: usize,
         want: usize,
         skip: std::collections::HashSet<String>,
-    ) -> Result<Vec<TaskRecord>> {
+    ) -> Result<Vec<QueuedTask>> {
         self.read(move |conn| tasks::queued_for_dispatch(conn, scan, want, &skip))
             .await
     }

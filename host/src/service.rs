@@ -1318,10 +1318,10 @@ impl Service {
                 if st.tasks.contains_key(&task.id) {
                     continue;
                 }
-                if task.spec.locks.iter().any(|k| st.locks.contains_key(k)) {
+                if task.locks.iter().any(|k| st.locks.contains_key(k)) {
                     continue;
                 }
-                for k in &task.spec.locks {
+                for k in &task.locks {
                     st.locks.insert(k.clone(), task.id.clone());
                 }
                 st.starting.insert(task.id.clone());
@@ -1342,7 +1342,7 @@ impl Service {
 
     /// Runs one attempt of a task the dispatcher picked, and records how it
     /// ended.
-    async fn execute(self, task: TaskRecord) {
+    async fn execute(self, task: db::QueuedTask) {
         let id = task.id.clone();
         let span =
             tracing::info_span!("task", task = %id, plugin = %task.plugin_name, run = ?task.run_id);
@@ -1379,11 +1379,10 @@ impl Service {
 
     /// One attempt; returns the task's record as committed at its end (and
     /// its run's progress), or `None` when an error left it unknown.
-    async fn execute_inner(self, task: TaskRecord) -> Result<Option<TaskRecord>> {
+    async fn execute_inner(self, task: db::QueuedTask) -> Result<Option<TaskRecord>> {
         let id = task.id.clone();
-        if !task.spec.locks.is_empty() {
+        if !task.locks.is_empty() {
             let events = task
-                .spec
                 .locks
                 .iter()
                 .map(|k| NewEvent::task(&id, EventKind::TaskLockAcquired, json!({"lock": k})))
@@ -1398,7 +1397,7 @@ impl Service {
         let record = match decision? {
             StartDecision::Started(r) => r,
             StartDecision::NotStartable(r) => {
-                self.release_locks(&id, &task.spec.locks, Vec::new()).await;
+                self.release_locks(&id, &task.locks, Vec::new()).await;
                 if let Some(run_id) = &r.run_id {
                     self.run_progress(run_id).await;
                 }
@@ -1569,8 +1568,8 @@ enum Needs {
     Broken(String),
 }
 
-fn needs_status(task: &TaskRecord, gate: &db::RunGate) -> Needs {
-    for need in &task.spec.needs {
+fn needs_status(task: &db::QueuedTask, gate: &db::RunGate) -> Needs {
+    for need in &task.needs {
         let Some(&state) = gate.states.get(need) else {
             return Needs::Broken(format!("needed task `{need}` does not exist"));
         };

@@ -13,8 +13,9 @@ use serde_json::{Map, Value, json};
 
 use super::events::{self, MAX_EVENT_MESSAGE_BYTES};
 use super::{
-    CancelDecision, CancelRequest, DbError, MAX_ACTOR_BYTES, MAX_REASON_BYTES, NewTask, Recovery,
-    Result, StartDecision, TaskFilter, from_sql_u64, plugins, runs, to_sql_u64, truncate_utf8,
+    CancelDecision, CancelRequest, DbError, MAX_ACTOR_BYTES, MAX_REASON_BYTES, NewTask, QueuedTask,
+    Recovery, Result, StartDecision, TaskFilter, from_sql_u64, plugins, runs, to_sql_u64,
+    truncate_utf8,
 };
 use crate::model::{
     CancelRecord, CancelStop, Captured, ErrorKind, EventKind, Finish, NewEvent, PluginKind,
@@ -340,23 +341,42 @@ pub(super) fn queued_for_dispatch(
     scan: usize,
     want: usize,
     skip: &std::collections::HashSet<String>,
-) -> Result<Vec<TaskRecord>> {
+) -> Result<Vec<QueuedTask>> {
+    /// The parts of a stored spec the dispatcher reads (the rest is checked
+    /// and skipped, not built).
+    #[derive(serde::Deserialize)]
+    struct Gates {
+        #[serde(default)]
+        locks: Vec<String>,
+        #[serde(default)]
+        needs: Vec<String>,
+    }
     let mut out = Vec::new();
     if want == 0 || scan == 0 {
         return Ok(out);
     }
-    let mut statement = conn.prepare_cached(&format!(
-        "{SELECT_TASK} WHERE t.state = 'queued' ORDER BY t.queued_at ASC, t.id ASC LIMIT ?1"
-    ))?;
+    let mut statement = conn.prepare_cached(
+        "SELECT id, plugin_name, run_id, spec FROM tasks WHERE state = 'queued'
+         ORDER BY queued_at ASC, id ASC LIMIT ?1",
+    )?;
     let mut rows = statement.query([i64::try_from(scan).unwrap_or(i64::MAX)])?;
     let mut free = 0;
     while let Some(row) = rows.next()? {
-        let id: String = row.get(col!("id"))?;
+        let id: String = row.get(0)?;
         if skip.contains(&id) {
             continue;
         }
-        let task = task_from_row(row)?;
-        if task.spec.locks.is_empty() && task.spec.needs.is_empty() {
+        let spec = row.get_ref(3)?.as_str().map_err(rusqlite::Error::from)?;
+        let gates: Gates =
+            serde_json::from_str(spec).map_err(|e| corrupt(&id, "spec", e.to_string()))?;
+        let task = QueuedTask {
+            plugin_name: row.get(1)?,
+            run_id: row.get(2)?,
+            locks: gates.locks,
+            needs: gates.needs,
+            id,
+        };
+        if task.locks.is_empty() && task.needs.is_empty() {
             free += 1;
         }
         out.push(task);

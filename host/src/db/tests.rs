@@ -2219,3 +2219,62 @@ async fn run_gate_has_each_keyed_task_state() {
     );
     assert_eq!(db.run_gate("r_none").await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dispatcher_reads_queued_tasks_oldest_first_with_their_locks_and_needs() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    // Oldest first by `queued_at`: one per millisecond.
+    let mut ids = Vec::new();
+    for (i, (locks, needs)) in [
+        (vec![], vec![]),
+        (vec!["k"], vec![]),
+        (vec![], vec!["build"]),
+        (vec![], vec![]),
+        (vec![], vec![]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut t = new_task(&plugin);
+        t.queued_at = 1_000 + i as i64;
+        t.spec.input = Some(json!({"big": "x".repeat(1000)}));
+        t.spec.locks = locks.into_iter().map(String::from).collect();
+        t.spec.needs = needs.into_iter().map(String::from).collect();
+        ids.push(db.insert_task(t).await.unwrap().id);
+    }
+    let started = running(&db, &plugin).await;
+    let skip: std::collections::HashSet<String> = [ids[0].clone()].into();
+
+    let got = db.queued_for_dispatch(10, 2, skip.clone()).await.unwrap();
+    let got_ids: Vec<&str> = got.iter().map(|t| t.id.as_str()).collect();
+    // The skipped one and the running one are not there; the gated ones are,
+    // and do not count towards the two wanted.
+    assert_eq!(got_ids, [&ids[1], &ids[2], &ids[3], &ids[4]]);
+    assert!(!got_ids.contains(&started.id.as_str()));
+    assert_eq!(
+        got[0],
+        QueuedTask {
+            id: ids[1].clone(),
+            plugin_name: "echo".into(),
+            run_id: None,
+            locks: vec!["k".into()],
+            needs: vec![],
+        }
+    );
+    assert_eq!(got[1].needs, ["build"]);
+    assert!(got[2].locks.is_empty() && got[2].needs.is_empty());
+
+    // The read stops once it has as many ungated tasks as wanted, and looks
+    // no further than `scan` rows.
+    let one = db.queued_for_dispatch(10, 1, skip.clone()).await.unwrap();
+    assert_eq!(one.len(), 3, "{one:?}");
+    let two_rows = db.queued_for_dispatch(2, 5, skip).await.unwrap();
+    assert_eq!(two_rows.len(), 1, "{two_rows:?}");
+    assert!(
+        db.queued_for_dispatch(10, 0, Default::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
