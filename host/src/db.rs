@@ -439,6 +439,12 @@ pub struct WriteStats {
     /// Transactions rolled back and run again with a savepoint per job,
     /// because a job failed after changing rows.
     pub redone_batches: u64,
+    /// Times the checkpointer held the writer between two transactions to
+    /// start the WAL over (the job in hand waited meanwhile).
+    pub pauses: u64,
+    /// Total and longest time held, in microseconds.
+    pub paused_us: u64,
+    pub paused_max_us: u64,
     /// Jobs waiting for the writer right now.
     pub queued: usize,
 }

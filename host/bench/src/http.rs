@@ -288,22 +288,33 @@ pub async fn wait_count(
     }
 }
 
+/// What part 2 measured.
+pub struct CancelLoad {
+    /// Each cancel's round trip, and whether the SQLite writer was held for
+    /// a WAL restart during it.
+    pub cancels: Vec<(Duration, bool)>,
+    pub gets: Vec<Duration>,
+    /// The native hand-off chains: bare, with work.
+    pub chain: [Vec<Duration>; 2],
+    /// The writer's pauses during the cancels: how many, the longest.
+    pub pauses: u64,
+    pub paused_max: Duration,
+}
+
 /// Part 2: with `n` spinning tasks running (every core busy), cancel
 /// `samples` of them one at a time over HTTP (`grace_ms: 0`, `wait_ms`, so
 /// the answer comes once `canceled` is committed), each followed by an
 /// unrelated request (another running task's record). Each canceled task is
 /// replaced by a fresh one, running before the next sample, so `n` keep
 /// running throughout.
-pub async fn cancel_under_load(
-    dir: &Path,
-    n: usize,
-    samples: usize,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, [Vec<Duration>; 2])> {
+pub async fn cancel_under_load(dir: &Path, n: usize, samples: usize) -> anyhow::Result<CancelLoad> {
     let s = start(dir, n).await?;
     let spin = json!({"plugin": "spin-loop"});
     let ids = submit_many(&s.base, spin.clone(), n).await?;
     wait_count(&s.base, "running", n, Duration::from_secs(300)).await?;
     let base = s.base.clone();
+    let db = s.svc.db().clone();
+    let before = db.write_stats();
     let (cancels, gets, chain) = client(move || {
         let mut conn = Raw::connect(&base)?;
         let spin = serde_json::to_vec(&spin)?;
@@ -315,9 +326,9 @@ pub async fn cancel_under_load(
         for i in 0..samples {
             let victim = live.pop_front().context("no task left to cancel")?;
             let path = format!("/v1/tasks/{victim}/cancel");
-            let t0 = Instant::now();
+            let (t0, pauses) = (Instant::now(), db.write_stats().pauses);
             let (status, answer) = conn.post(&path, &body)?;
-            cancels.push(t0.elapsed());
+            cancels.push((t0.elapsed(), db.write_stats().pauses != pauses));
             let v: Value = serde_json::from_slice(&answer).unwrap_or(Value::Null);
             if status != 200 || v["task"]["state"] != "canceled" {
                 bail!("cancel answered {status}: {v}");
@@ -344,8 +355,15 @@ pub async fn cancel_under_load(
         Ok((cancels, gets, [bare, working]))
     })
     .await?;
+    let after = s.svc.db().write_stats();
     s.stop().await;
-    Ok((cancels, gets, chain))
+    Ok(CancelLoad {
+        cancels,
+        gets,
+        chain,
+        pauses: after.pauses - before.pauses,
+        paused_max: Duration::from_micros(after.paused_max_us),
+    })
 }
 
 /// Part 5b: `total` trivial tasks submitted over HTTP by `threads` clients

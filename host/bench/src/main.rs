@@ -481,14 +481,21 @@ async fn part2(scale: &Scale) -> anyhow::Result<String> {
     let probe_for = scale.stall_probe;
     let stalls = tokio::task::spawn_blocking(move || machine::probe(probe_for)).await??;
     let dir = tempfile::tempdir()?;
-    let (cancels, gets, chain) =
-        http::cancel_under_load(dir.path(), scale.http_running, scale.http_samples).await?;
+    let load = http::cancel_under_load(dir.path(), scale.http_running, scale.http_samples).await?;
     const TARGET: Duration = Duration::from_millis(2);
     let over = |v: &[Duration]| {
         let n = v.iter().filter(|c| **c > TARGET).count();
         format!("{n} ({:.1}%)", n as f64 * 100.0 / v.len().max(1) as f64)
     };
+    let (chain, gets) = (load.chain, load.gets);
+    let cancels: Vec<Duration> = load.cancels.iter().map(|(d, _)| *d).collect();
     let cancels_over = over(&cancels);
+    let slow_in_pause = load
+        .cancels
+        .iter()
+        .filter(|(d, paused)| *paused && *d > TARGET)
+        .count();
+    let in_pause = load.cancels.iter().filter(|(_, paused)| *paused).count();
     let chains = chain.map(|c| (over(&c), summarize(c)));
     let (cancels, gets) = (summarize(cancels), summarize(gets));
     let mut md = String::new();
@@ -563,6 +570,17 @@ async fn part2(scale: &Scale) -> anyhow::Result<String> {
         stalls.rate_over(ms),
         stalls.lost_over(ms) * 100.0,
         dur(stalls.longest())
+    )?;
+    writeln!(
+        md,
+        "**The SQLite writer's pauses** during the cancels: the checkpointer held it between \
+         two transactions {} times to start the WAL over (longest {}); the job in hand waits \
+         meanwhile. {} cancels were in flight during one, {} of them among the {} over 2 ms.\n",
+        load.pauses,
+        dur(load.paused_max),
+        in_pause,
+        slow_in_pause,
+        cancels_over
     )?;
     Ok(md)
 }

@@ -129,15 +129,28 @@ pub(super) struct Stats {
     jobs: AtomicU64,
     failed_batches: AtomicU64,
     redone_batches: AtomicU64,
+    pauses: AtomicU64,
+    paused_us: AtomicU64,
+    paused_max_us: AtomicU64,
 }
 
 impl Stats {
+    fn record_pause(&self, held: std::time::Duration) {
+        let us = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        self.pauses.fetch_add(1, Ordering::Relaxed);
+        self.paused_us.fetch_add(us, Ordering::Relaxed);
+        self.paused_max_us.fetch_max(us, Ordering::Relaxed);
+    }
+
     pub(super) fn snapshot(&self, queued: usize) -> WriteStats {
         WriteStats {
             batches: self.batches.load(Ordering::Relaxed),
             jobs: self.jobs.load(Ordering::Relaxed),
             failed_batches: self.failed_batches.load(Ordering::Relaxed),
             redone_batches: self.redone_batches.load(Ordering::Relaxed),
+            pauses: self.pauses.load(Ordering::Relaxed),
+            paused_us: self.paused_us.load(Ordering::Relaxed),
+            paused_max_us: self.paused_max_us.load(Ordering::Relaxed),
             queued,
         }
     }
@@ -157,21 +170,24 @@ pub(super) struct Pause {
 
 impl Pause {
     /// Called by the writer outside any transaction: waits while a pause is
-    /// wanted. One atomic load when none is.
-    fn wait_if_wanted(&self) {
+    /// wanted, and returns how long it waited if it did. One atomic load
+    /// when no pause is wanted.
+    fn wait_if_wanted(&self) -> Option<std::time::Duration> {
         if !self.wanted.load(Ordering::Acquire) {
-            return;
+            return None;
         }
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if !self.wanted.load(Ordering::Acquire) {
-            return;
+            return None;
         }
+        let since = std::time::Instant::now();
         *held = true;
         self.changed.notify_all();
         while self.wanted.load(Ordering::Acquire) {
             held = self.changed.wait(held).unwrap_or_else(|e| e.into_inner());
         }
         *held = false;
+        Some(since.elapsed())
     }
 
     /// Called by the checkpointer: runs `work` while the writer is stopped
@@ -258,7 +274,9 @@ fn run(
 ) {
     let mut batch = VecDeque::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
-        pause.wait_if_wanted();
+        if let Some(held) = pause.wait_if_wanted() {
+            stats.record_pause(held);
+        }
         batch.push_back(first);
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -419,21 +437,33 @@ mod tests {
     use super::*;
 
     /// A stand-in writer: counts the transactions it would run, stopping
-    /// at each boundary if a pause is wanted.
+    /// at each boundary if a pause is wanted (and noting how long).
     fn writer(
         pause: &Arc<Pause>,
         stop: &Arc<AtomicBool>,
-    ) -> (Arc<AtomicUsize>, std::thread::JoinHandle<()>) {
+    ) -> (
+        Arc<AtomicUsize>,
+        Arc<std::sync::Mutex<Vec<Duration>>>,
+        std::thread::JoinHandle<()>,
+    ) {
         let count = Arc::new(AtomicUsize::new(0));
-        let (p, s, c) = (Arc::clone(pause), Arc::clone(stop), Arc::clone(&count));
+        let holds: Arc<std::sync::Mutex<Vec<Duration>>> = Arc::default();
+        let (p, s, c, h) = (
+            Arc::clone(pause),
+            Arc::clone(stop),
+            Arc::clone(&count),
+            Arc::clone(&holds),
+        );
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.wait_if_wanted();
+                if let Some(held) = p.wait_if_wanted() {
+                    h.lock().unwrap().push(held);
+                }
                 c.fetch_add(1, Ordering::Relaxed);
                 std::thread::yield_now();
             }
         });
-        (count, thread)
+        (count, holds, thread)
     }
 
     /// Asserts the stand-in writer runs again (within 10 s).
@@ -455,7 +485,7 @@ mod tests {
     fn a_pause_holds_the_writer_between_transactions_until_the_work_is_done() {
         let pause = Arc::new(Pause::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (count, thread) = writer(&pause, &stop);
+        let (count, holds, thread) = writer(&pause, &stop);
         let ((), held) = pause.hold(Duration::from_secs(10), || {
             let before = count.load(Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(50));
@@ -469,6 +499,10 @@ mod tests {
         resumes(&count);
         stop.store(true, Ordering::Relaxed);
         thread.join().unwrap();
+        // The writer saw one pause, as long as the work held it.
+        let holds = holds.lock().unwrap();
+        assert_eq!(holds.len(), 1, "{holds:?}");
+        assert!(holds[0] >= Duration::from_millis(50), "{holds:?}");
     }
 
     #[test]
@@ -477,14 +511,14 @@ mod tests {
         let ((), held) = pause.hold(Duration::from_millis(20), || {});
         assert!(!held);
         // Released: a writer arriving later does not stop.
-        pause.wait_if_wanted();
+        assert_eq!(pause.wait_if_wanted(), None);
     }
 
     #[test]
     fn a_panic_in_the_paused_work_releases_the_writer() {
         let pause = Arc::new(Pause::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (count, thread) = writer(&pause, &stop);
+        let (count, _, thread) = writer(&pause, &stop);
         let p = Arc::clone(&pause);
         let result = std::thread::spawn(move || {
             p.hold(Duration::from_secs(10), || {
