@@ -332,6 +332,50 @@ impl Metrics {
     }
 }
 
+/// Appends the SQLite writer's figures: commits, jobs, the queue, and the
+/// checkpointer's pauses of the writer (each delays the job in hand).
+pub fn render_writer(stats: &crate::db::WriteStats, out: &mut String) {
+    let counters = [
+        (
+            "wasmtask_db_commits_total",
+            "Transactions the SQLite writer committed.",
+            stats.batches,
+        ),
+        (
+            "wasmtask_db_write_jobs_total",
+            "Writes (jobs) in committed transactions.",
+            stats.jobs,
+        ),
+        (
+            "wasmtask_db_writer_pauses_total",
+            "Times the checkpointer held the writer between two transactions to start the WAL over.",
+            stats.pauses,
+        ),
+    ];
+    for (name, help, value) in counters {
+        header(out, name, help, "counter");
+        let _ = writeln!(out, "{name} {value}");
+    }
+    header(
+        out,
+        "wasmtask_db_writer_paused_seconds_total",
+        "Time the writer was held for WAL restarts.",
+        "counter",
+    );
+    let _ = writeln!(
+        out,
+        "wasmtask_db_writer_paused_seconds_total {}",
+        format_float(stats.paused_us as f64 / 1e6)
+    );
+    header(
+        out,
+        "wasmtask_db_write_queue",
+        "Writes waiting for the SQLite writer.",
+        "gauge",
+    );
+    let _ = writeln!(out, "wasmtask_db_write_queue {}", stats.queued);
+}
+
 /// Escapes a label value for the text format: `\` → `\\`, `"` → `\"`,
 /// newline → `\n`.
 pub fn escape_label_value(value: &str) -> String {
@@ -547,6 +591,38 @@ mod tests {
         let text = Metrics::default().render(&[], 0, 0);
         let families = parse_exposition(&text);
         assert_eq!(families.len(), 8);
+    }
+
+    #[test]
+    fn the_writer_figures_render_as_valid_families_with_their_values() {
+        let stats = crate::db::WriteStats {
+            batches: 12,
+            jobs: 40,
+            failed_batches: 0,
+            redone_batches: 0,
+            pauses: 3,
+            paused_us: 1_500,
+            paused_max_us: 900,
+            queued: 2,
+        };
+        let mut text = Metrics::default().render(&[], 0, 0);
+        render_writer(&stats, &mut text);
+        let families = parse_exposition(&text);
+        assert_eq!(families.len(), 8 + 5);
+        for (line, kind) in [
+            ("wasmtask_db_commits_total 12", "counter"),
+            ("wasmtask_db_write_jobs_total 40", "counter"),
+            ("wasmtask_db_writer_pauses_total 3", "counter"),
+            ("wasmtask_db_writer_paused_seconds_total 0.0015", "counter"),
+            ("wasmtask_db_write_queue 2", "gauge"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
+            let name = line.split(' ').next().unwrap();
+            assert!(
+                families.iter().any(|f| f.name == name && f.kind == kind),
+                "{name} is not a {kind}"
+            );
+        }
     }
 
     // --- a strict little parser for the text format -------------------------

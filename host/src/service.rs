@@ -319,10 +319,12 @@ impl Service {
     pub async fn render_metrics(&self) -> Result<String> {
         let counts = self.inner.db.count_tasks_by_state().await?;
         let counts: Vec<(&str, u64)> = counts.iter().map(|(s, n)| (s.as_str(), *n)).collect();
-        Ok(self
+        let mut text = self
             .inner
             .metrics
-            .render(&counts, self.running(), self.waiting_for_cpu()))
+            .render(&counts, self.running(), self.waiting_for_cpu());
+        crate::metrics::render_writer(&self.inner.db.write_stats(), &mut text);
+        Ok(text)
     }
 
     // -----------------------------------------------------------------

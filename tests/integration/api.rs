@@ -1360,6 +1360,20 @@ async fn metrics_health_and_openapi() {
         "{text}"
     );
     assert!(sample(&text, "wasmtask_cancels_total") >= 4.0, "{text}");
+    // The writer committed every one of those tasks' writes; its queue and
+    // pauses are there (a short test need not have paused it).
+    assert!(sample(&text, "wasmtask_db_commits_total") >= 1.0, "{text}");
+    assert!(
+        sample(&text, "wasmtask_db_write_jobs_total") >= sample(&text, "wasmtask_db_commits_total"),
+        "{text}"
+    );
+    for gauge in [
+        "wasmtask_db_write_queue",
+        "wasmtask_db_writer_pauses_total",
+        "wasmtask_db_writer_paused_seconds_total",
+    ] {
+        assert!(sample(&text, gauge) >= 0.0, "{gauge}:\n{text}");
+    }
     assert!(
         sample(&text, "wasmtask_tasks_submitted_total") >= 5.0,
         "{text}"
