@@ -172,8 +172,8 @@ fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
     s.wait_state(&spin, "running", SECS_30);
 
     // The process that made the copy and armed the timeout dies; the next
-    // one runs the step again, times the run out (counted from its
-    // creation) and deletes the copy.
+    // one times the run out (counted from its creation) and deletes the
+    // copy.
     s.kill9();
     s.restart();
     let view = s.wait_run(&run_id, SECS_30);
@@ -184,12 +184,11 @@ fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
         run["abort"]["requested_at"].as_i64().unwrap() >= created_at + TIMEOUT_MS,
         "{view:#}"
     );
+    // Canceled by the timeout: in its second attempt, or before it (when
+    // the restart took longer than what was left of the timeout).
     let t = &view["tasks"][0];
-    assert_eq!(
-        (&t["state"], &t["attempt"]),
-        (&json!("canceled"), &json!(2)),
-        "{view:#}"
-    );
+    assert_eq!(t["state"], "canceled", "{view:#}");
+    assert!(t["attempt"] == 1 || t["attempt"] == 2, "{view:#}");
     assert!(!copy.exists(), "the copy {} is still there", copy.display());
     let events = s.run_events(&run_id);
     assert!(
