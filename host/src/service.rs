@@ -47,7 +47,8 @@ use crate::exec::{self, LocalIo};
 use crate::metrics::Metrics;
 use crate::model::{
     DirSpec, ErrorKind, EventKind, Finish, NewEvent, PluginKind, RunRecord, RunState, RunSubmit,
-    RunView, TaskError, TaskRecord, TaskSpec, TaskState, TaskSubmit, WorkspaceAccess, now_millis,
+    RunView, TaskError, TaskRecord, TaskSpec, TaskState, TaskSubmit, UnixMillis, WorkspaceAccess,
+    now_millis,
 };
 use crate::workspace::Workspace;
 
@@ -267,7 +268,6 @@ impl Service {
         // Runs a previous process left unfinished: this one applies their
         // workspace policy when they end, and their timeouts (counted from
         // their creation; one already past aborts the run now).
-        let now = now_millis();
         for run in service.inner.db.unfinished_runs().await? {
             if let Some(w) = &run.workspace {
                 lock(&service.inner.state)
@@ -277,11 +277,7 @@ impl Service {
             if let Some(ms) = run.timeout_ms
                 && run.state == RunState::Running
             {
-                let deadline = run
-                    .created_at
-                    .saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
-                let left = u64::try_from(deadline.saturating_sub(now)).unwrap_or(0);
-                service.arm_run_timeout(run.id.clone(), ms, Duration::from_millis(left));
+                service.arm_run_timeout(run.id.clone(), run.created_at, ms);
             }
             service.run_progress(&run.id).await;
         }
@@ -547,7 +543,7 @@ impl Service {
             }
         }
         if let Some(cwd) = &spec.cwd
-            && (!cwd.starts_with('/') || cwd.contains('\0'))
+            && !wasmtask_runtime::is_absolute_guest_path(cwd)
         {
             return bad(format!(
                 "cwd: `{cwd}` must be an absolute guest path (one starting with `/`)"
@@ -796,15 +792,20 @@ impl Service {
             self.inner.metrics.count_submitted();
         }
         if let Some(ms) = r.timeout_ms {
-            self.arm_run_timeout(run_id.clone(), ms, Duration::from_millis(ms));
+            self.arm_run_timeout(run_id.clone(), now, ms);
         }
         self.inner.wake.notify_one();
         Ok(view)
     }
 
-    /// Aborts run `run_id` (its timeout of `timeout_ms` passed) after
-    /// `after`, unless it has ended by then or the service stops first.
-    fn arm_run_timeout(&self, run_id: String, timeout_ms: u64, after: Duration) {
+    /// Aborts run `run_id`, created at `created_at`, once `timeout_ms` have
+    /// passed since (at once if they have), unless it has ended by then or
+    /// the service stops first.
+    fn arm_run_timeout(&self, run_id: String, created_at: UnixMillis, timeout_ms: u64) {
+        let deadline = created_at.saturating_add(i64::try_from(timeout_ms).unwrap_or(i64::MAX));
+        let after = Duration::from_millis(
+            u64::try_from(deadline.saturating_sub(now_millis())).unwrap_or(0),
+        );
         let svc = self.clone();
         tokio::spawn(async move {
             tokio::select! {

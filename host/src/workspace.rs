@@ -82,7 +82,7 @@ impl Workspace {
             .guest
             .clone()
             .unwrap_or_else(|| DEFAULT_GUEST.to_owned());
-        if !guest.starts_with('/') || guest.contains('\0') {
+        if !wasmtask_runtime::is_absolute_guest_path(&guest) {
             return Err(WorkspaceError::Guest(guest));
         }
         let (path, owned) = match (&spec.source, &spec.dir) {

@@ -37,7 +37,7 @@ pub use engine::{
 };
 pub use host::{GuestCaps, GuestEvent};
 pub use limits::{LimitHit, LimitKind, TaskLimits};
-pub use sandbox::{Captured, Preopen, SandboxError, Stdin, Tee, WasiSpec};
+pub use sandbox::{Captured, Preopen, SandboxError, Stdin, Tee, WasiSpec, is_absolute_guest_path};
 pub use scheduler::GuestPriority;
 pub use task::{
     CancelOutcome, GuestErrorKind, RunningTask, StartError, TaskEnd, TaskReport, TaskRequest,

@@ -296,6 +296,12 @@ pub enum SandboxError {
     EnvName(String),
 }
 
+/// Whether `path` is an absolute guest path (what a working directory and a
+/// run's workspace mount must be): it starts with `/` and holds no NUL.
+pub fn is_absolute_guest_path(path: &str) -> bool {
+    path.starts_with('/') && !path.contains('\0')
+}
+
 /// The preopen (longest guest path) holding guest path `cwd`, and the host
 /// directory `cwd` names inside it; `None` when no preopen holds it.
 fn cwd_preopen<'a>(
@@ -383,7 +389,7 @@ pub(crate) fn build(
             })?;
     }
     if let Some(cwd) = &spec.cwd {
-        if !cwd.starts_with('/') || cwd.contains('\0') {
+        if !is_absolute_guest_path(cwd) {
             return Err(SandboxError::Cwd(cwd.clone()));
         }
         b.initial_cwd(cwd);
