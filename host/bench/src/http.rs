@@ -296,7 +296,8 @@ pub struct CancelLoad {
     pub gets: Vec<Duration>,
     /// The native hand-off chains: bare, with work.
     pub chain: [Vec<Duration>; 2],
-    /// The writer's pauses during the cancels: how many, the longest.
+    /// The writer's pauses during the cancels, and the longest since the
+    /// server started (a maximum has no difference to take).
     pub pauses: u64,
     pub paused_max: Duration,
 }

@@ -574,8 +574,8 @@ async fn part2(scale: &Scale) -> anyhow::Result<String> {
     writeln!(
         md,
         "**The SQLite writer's pauses** during the cancels: the checkpointer held it between \
-         two transactions {} times to start the WAL over (longest {}); the job in hand waits \
-         meanwhile. {} cancels were in flight during one, {} of them among the {} over 2 ms.\n",
+         two transactions {} times to start the WAL over (the longest since the server \
+         started: {}); the job in hand waits meanwhile. {} cancels were in flight during one, {} of them among the {} over 2 ms.\n",
         load.pauses,
         dur(load.paused_max),
         in_pause,
