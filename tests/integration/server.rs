@@ -1221,15 +1221,8 @@ fn a_burst_of_first_uses_compiles_the_plugin_once() {
     let (status, view) = s.post("/v1/runs", &json!({"tasks": tasks}));
     assert_eq!(status, 201, "{view}");
     let run = view["run"]["id"].as_str().unwrap();
-    let deadline = within(120);
-    loop {
-        let (_, v) = s.get(&format!("/v1/runs/{run}"));
-        if v["run"]["state"] == "succeeded" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the run did not finish: {v:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let v = s.wait_run(run, Duration::from_secs(120));
+    assert_eq!(v["run"]["state"], "succeeded", "{v:#}");
     let cached: Vec<_> = std::fs::read_dir(s.data_dir.join("cache"))
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();

@@ -359,15 +359,17 @@ impl Server {
 
     /// The JSON events page of a run (all of it).
     pub fn run_events(&self, id: &str) -> Vec<Value> {
-        let (status, v) = self.get(&format!("/v1/runs/{id}/events"));
-        assert_eq!(status, 200, "events of run {id}: {v}");
-        v["events"].as_array().unwrap().clone()
+        self.events_at(&format!("/v1/runs/{id}/events"))
     }
 
     /// The JSON events page of a task (all of it).
     pub fn events(&self, id: &str) -> Vec<Value> {
-        let (status, v) = self.get(&format!("/v1/tasks/{id}/events"));
-        assert_eq!(status, 200, "events of {id}: {v}");
+        self.events_at(&format!("/v1/tasks/{id}/events"))
+    }
+
+    fn events_at(&self, path: &str) -> Vec<Value> {
+        let (status, v) = self.get(path);
+        assert_eq!(status, 200, "{path}: {v}");
         v["events"].as_array().unwrap().clone()
     }
 

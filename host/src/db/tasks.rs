@@ -723,8 +723,8 @@ pub(super) fn finish(conn: &Connection, id: &str, f: &Finish) -> Result<TaskReco
             state: f.state,
         });
     }
-    // The state and the cancel request only: the whole record is read once,
-    // after the update (decoding it twice was a tenth of a finish).
+    // The state and the cancel request only: the whole record is decoded
+    // once, after the update.
     let (state, cancel_requested_at) = conn
         .prepare_cached(
             "SELECT t.state, c.requested_at FROM tasks t
