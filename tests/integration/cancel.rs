@@ -120,6 +120,30 @@ async fn stdin_wait_reads_what_it_is_given() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_wait_reads_a_pipe_to_its_end() {
+    // More than the pipe holds and than one read asks for, written in
+    // pieces while the guest reads, then end of file.
+    let (mut writer, reader) = tokio::io::duplex(1000);
+    let feeder = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        for i in 0..100u32 {
+            writer.write_all(&[i as u8; 1000]).await.unwrap();
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let mut req = request("stdin-wait", json!(null));
+    req.wasi.stdin = Stdin::Reader(Box::new(reader));
+    let report = support::run(req).await;
+    feeder.await.unwrap();
+    let TaskEnd::Returned(out) = report.end else {
+        panic!("{:?}", report.end)
+    };
+    assert_eq!(json(&out)["bytes"], 100_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_cancel_lets_cooperative_return_its_partial_result() {
     let mut req = request("cooperative", json!({"steps": 1_000_000, "work": 100_000}));
     let mut events = with_events(&mut req);

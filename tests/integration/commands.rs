@@ -254,3 +254,19 @@ async fn a_preview1_module_is_compiled_once_into_the_cache_and_read_back_from_it
         "the damaged artifact was not replaced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview1_command_reads_a_piped_stdin() {
+    // Preview 1's fd_read goes through the same reader-backed stdin.
+    let (mut writer, reader) = tokio::io::duplex(4);
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        writer.write_all(b"0123456789").await.unwrap();
+    });
+    let mut req = request("p1-command", json!(null));
+    req.wasi.stdin = Stdin::Reader(Box::new(reader));
+    let report = run(req).await;
+    assert_eq!(report.end, TaskEnd::Exited(0));
+    let out = String::from_utf8_lossy(&report.stdout.data).into_owned();
+    assert!(out.contains("p1 stdin: 10 bytes\n"), "{out}");
+}

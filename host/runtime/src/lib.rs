@@ -29,6 +29,7 @@ mod limits;
 mod probe;
 mod sandbox;
 mod scheduler;
+mod stdin;
 mod task;
 
 pub use cancel::{CancelAck, CancelHandle, CancelRequest};

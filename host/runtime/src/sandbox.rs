@@ -368,7 +368,7 @@ pub(crate) fn build(
             b.stdin(wasmtime_wasi::p2::pipe::MemoryInputPipe::new(bytes));
         }
         Stdin::Reader(reader) => {
-            b.stdin(wasmtime_wasi::cli::AsyncStdinStream::new(reader));
+            b.stdin(crate::stdin::ReaderStdin::new(reader));
         }
     }
     b.stdout(stdout.clone());
