@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// Gaps shorter than this are not recorded (clock reads, cache misses, the
 /// timer interrupt).
-const FLOOR: Duration = Duration::from_micros(200);
+pub const FLOOR: Duration = Duration::from_micros(200);
 
 /// What the probe saw, over all CPUs.
 #[derive(Debug, Clone)]

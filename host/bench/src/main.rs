@@ -563,13 +563,17 @@ async fn part2(scale: &Scale) -> anyhow::Result<String> {
          pinned to each of the {} CPUs spinning on the clock for {}, nothing else of this \
          process running. Gaps between two clock reads (the CPU taken away by the hypervisor, \
          an interrupt or a kernel thread): **{:.1} gaps of 1 ms or more per CPU and second**, \
-         {:.2}% of each CPU's time lost in them; longest {}. A cancel's round trip passes \
+         {:.2}% of each CPU's time lost in them; longest {}; counting gaps from {} up: \
+         {:.1} per CPU and second, {:.2}% of its time. A cancel's round trip passes \
          through several threads on both CPUs; a gap landing on one of them adds its length.\n",
         stalls.cpus,
         dur(stalls.took),
         stalls.rate_over(ms),
         stalls.lost_over(ms) * 100.0,
-        dur(stalls.longest())
+        dur(stalls.longest()),
+        dur(machine::FLOOR),
+        stalls.rate_over(machine::FLOOR),
+        stalls.lost_over(machine::FLOOR) * 100.0,
     )?;
     writeln!(
         md,
