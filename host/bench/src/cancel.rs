@@ -19,7 +19,7 @@ use wasmtask_runtime::{
 };
 
 use crate::native::Work;
-use crate::stats::{Summary, summarize};
+use crate::stats::{Summary, over, summarize};
 
 /// The three guests, loaded once.
 pub struct Guests {
@@ -128,6 +128,9 @@ pub async fn stop(live: Live) -> anyhow::Result<(Duration, Duration)> {
     Ok((t1.duration_since(t0), inner))
 }
 
+/// DESIGN §8's bound on cancel → stopped at p99.
+pub const TARGET: Duration = Duration::from_micros(300);
+
 /// A small deterministic jitter (0–3 ms) between samples, so cancels do not
 /// line up with the epoch ticker.
 pub fn jitter(i: usize) -> Duration {
@@ -143,7 +146,7 @@ pub async fn measure(
     work: Work,
     n: usize,
     samples: usize,
-) -> anyhow::Result<(Summary, Summary)> {
+) -> anyhow::Result<(Summary, Summary, String)> {
     let background = if work == Work::Spin {
         Vec::new()
     } else {
@@ -184,7 +187,8 @@ pub async fn measure(
         stop_all(all.into_iter().flatten().collect()).await;
     }
     stop_all(background).await;
-    Ok((summarize(outer), summarize(inner)))
+    let late = over(&outer, TARGET);
+    Ok((summarize(outer), summarize(inner), late))
 }
 
 /// Cancels every guest and waits for all of them.

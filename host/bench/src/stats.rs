@@ -28,6 +28,12 @@ pub fn summarize(mut v: Vec<Duration>) -> Summary {
     }
 }
 
+/// How many of `v` took longer than `limit`, with their share: `11 (1.1%)`.
+pub fn over(v: &[Duration], limit: Duration) -> String {
+    let n = v.iter().filter(|d| **d > limit).count();
+    format!("{n} ({:.1}%)", n as f64 * 100.0 / v.len().max(1) as f64)
+}
+
 /// `12.3 µs`, `4.56 ms`, `1.23 s`.
 pub fn dur(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
