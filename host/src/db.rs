@@ -90,6 +90,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -464,6 +465,8 @@ struct Inner {
     last_seq: Arc<watch::Sender<i64>>,
     readers: Arc<readers::Readers>,
     path: PathBuf,
+    /// This database's random id, made with it (schema version 6).
+    instance: String,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
 }
@@ -489,7 +492,7 @@ impl Db {
         let opened = {
             let path = path.clone();
             let options = options.clone();
-            tokio::task::spawn_blocking(move || -> Result<(Connection, i64)> {
+            tokio::task::spawn_blocking(move || -> Result<(Connection, i64, String)> {
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     std::fs::create_dir_all(parent).map_err(|source| DbError::CreateDir {
                         path: parent.to_path_buf(),
@@ -500,12 +503,13 @@ impl Db {
                 schema::migrate(&mut conn)?;
                 schema::disable_autocheckpoint(&conn)?;
                 let last_seq = writer::max_event_seq(&conn)?;
-                Ok((conn, last_seq))
+                let instance = schema::instance(&conn)?;
+                Ok((conn, last_seq, instance))
             })
             .await
             .map_err(|e| DbError::Blocking(e.to_string()))??
         };
-        let (opened, last_seq) = opened;
+        let (opened, last_seq, instance) = opened;
         let stats = Arc::new(writer::Stats::default());
         let last_seq = Arc::new(watch::Sender::new(last_seq));
         let pause = Arc::new(writer::Pause::default());
@@ -526,6 +530,7 @@ impl Db {
                 last_seq,
                 readers,
                 path,
+                instance,
             }),
         })
     }
@@ -533,6 +538,12 @@ impl Db {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// This database's instance id: random, made once with the database, and
+    /// the same for every process that opens it.
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
     }
 
     /// Writer counters (group-commit batch sizes, queue depth).
@@ -621,6 +632,11 @@ impl Db {
     ) -> Result<Vec<RunRecord>> {
         self.read(move |conn| runs::list(conn, limit, cursor.as_deref()))
             .await
+    }
+
+    /// Which of `ids` name a run of this database.
+    pub async fn existing_runs(&self, ids: Vec<String>) -> Result<HashSet<String>> {
+        self.read(move |conn| runs::existing(conn, ids)).await
     }
 
     /// Runs not yet finished (`running` or `aborting`), oldest first: what a

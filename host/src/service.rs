@@ -83,7 +83,8 @@ pub struct ServiceConfig {
     /// Also register the test fixtures (`spin-loop`, `mem-hog`, …) built
     /// into the binary, not only the examples.
     pub builtin_fixtures: bool,
-    /// Where runs' workspace copies are made (`<workspace_dir>/<run id>`).
+    /// Where runs' workspace copies are made
+    /// (`<workspace_dir>/<database instance>/<run id>`).
     pub workspace_dir: PathBuf,
 }
 
@@ -281,10 +282,82 @@ impl Service {
             }
             service.run_progress(&run.id).await;
         }
+        service.sweep_workspaces().await;
         let dispatcher = service.clone();
         tokio::spawn(async move { dispatcher.dispatch_loop().await });
         service.inner.ready.store(true, Ordering::Release);
         Ok(service)
+    }
+
+    /// This database's directory of workspace copies: one per database, so
+    /// servers with different databases can share `workspace_dir`.
+    fn workspace_root(&self) -> PathBuf {
+        self.inner.cfg.workspace_dir.join(self.inner.db.instance())
+    }
+
+    /// Deletes the workspace copies no run of this database has: a process
+    /// that died between making a run's copy and committing the run left
+    /// them. Runs before the service takes submissions, and looks only at
+    /// this database's own directory. A failure is logged, not fatal.
+    async fn sweep_workspaces(&self) {
+        let root = self.workspace_root();
+        let listed = {
+            let root = root.clone();
+            tokio::task::spawn_blocking(move || crate::workspace::copies_under(&root)).await
+        };
+        let ids = match listed {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
+                tracing::warn!(path = %root.display(), error = %e, "cannot list workspace copies");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "workspace sweep died");
+                return;
+            }
+        };
+        if ids.is_empty() {
+            return;
+        }
+        let known = match self.inner.db.existing_runs(ids.clone()).await {
+            Ok(known) => known,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check workspace copies against the runs");
+                return;
+            }
+        };
+        let strays: Vec<PathBuf> = ids
+            .into_iter()
+            .filter(|id| !known.contains(id))
+            .map(|id| root.join(id))
+            .collect();
+        if strays.is_empty() {
+            return;
+        }
+        let removed = tokio::task::spawn_blocking(move || {
+            strays
+                .into_iter()
+                .map(|p| {
+                    let r = std::fs::remove_dir_all(&p);
+                    (p, r)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (path, r) in removed {
+            match r {
+                Ok(()) => tracing::warn!(
+                    path = %path.display(),
+                    "deleted a workspace copy no run has (its run was never committed)"
+                ),
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "cannot delete a workspace copy no run has"
+                ),
+            }
+        }
     }
 
     pub fn db(&self) -> &Db {
@@ -709,7 +782,7 @@ impl Service {
                 let (spec, allowed, root, id) = (
                     spec.clone(),
                     self.inner.cfg.allowed_dirs.clone(),
-                    self.inner.cfg.workspace_dir.clone(),
+                    self.workspace_root(),
                     run_id.clone(),
                 );
                 let ws = tokio::task::spawn_blocking(move || {

@@ -2,7 +2,8 @@
 //!
 //! Model: a run names at most one workspace, either
 //! - `source`: a host directory *copied* into a fresh directory
-//!   `<workspace_dir>/<run id>` that the run owns, or
+//!   `<root>/<run id>` that the run owns (the service's root is
+//!   `<workspace_dir>/<database instance>`), or
 //! - `dir`: a host directory used in place, which the run does not own.
 //!
 //! Both host paths must be absolute and lie under a directory the service
@@ -25,9 +26,11 @@
 //!   so a server started after the one that made the copy died applies the
 //!   policy when the run ends.
 //!
-//! Known limit: a copy made for a run whose creation did not commit (the
-//! process died between the copy and the commit) is left under
-//! `<workspace_dir>`, named after a run id no run has.
+//! - A copy made for a run whose creation did not commit (the process died
+//!   between the copy and the commit) is named after a run id no run has;
+//!   the next service on that database deletes it at start-up
+//!   ([`copies_under`] lists the candidates). Each database has a root of
+//!   its own, so that sweep never sees another database's copies.
 
 use std::path::{Path, PathBuf};
 
@@ -186,6 +189,30 @@ impl Workspace {
 
 /// Copies the files and directories under `from` into `to` (created),
 /// skipping symlinks and special files.
+/// The run ids with a copy under `root`: the directories named like a run
+/// id. Anything else there is not a copy and is left alone; a missing root
+/// has none.
+pub fn copies_under(root: &Path) -> std::io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        // `file_type` does not follow a symlink: a link is never a copy.
+        if name.starts_with("r_") && entry.file_type()?.is_dir() {
+            ids.push(name);
+        }
+    }
+    ids.sort();
+    Ok(ids)
+}
+
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir(to)?;
     for entry in std::fs::read_dir(from)? {
@@ -295,5 +322,21 @@ mod tests {
             }),
             Err(WorkspaceError::Guest(_))
         ));
+    }
+
+    #[test]
+    fn copies_under_lists_run_named_directories_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("instance");
+        assert!(
+            copies_under(&root).unwrap().is_empty(),
+            "a missing root has none"
+        );
+        std::fs::create_dir_all(root.join("r_b/sub")).unwrap();
+        std::fs::create_dir(root.join("r_a")).unwrap();
+        std::fs::create_dir(root.join("other")).unwrap();
+        std::fs::write(root.join("r_file"), "x").unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join("r_link")).unwrap();
+        assert_eq!(copies_under(&root).unwrap(), ["r_a", "r_b"]);
     }
 }

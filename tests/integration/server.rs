@@ -201,6 +201,67 @@ fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
     assert!(src.join("a.txt").is_file(), "the source was touched");
 }
 
+#[test]
+fn a_workspace_copy_no_run_has_is_swept_at_start_and_nothing_else() {
+    let allowed = tempfile::tempdir().unwrap();
+    let allowed_dir = std::fs::canonicalize(allowed.path()).unwrap();
+    let src = allowed_dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("a.txt"), "a").unwrap();
+    let cfg = fixtures_config(&format!(
+        "allowed_dirs = [{:?}]",
+        allowed_dir.to_str().unwrap()
+    ));
+    let mut s = Server::start(&cfg, None);
+    // A run whose copy is kept on purpose.
+    let (status, v) = s.post(
+        "/v1/runs",
+        &json!({
+            "workspace": {"source": src, "cleanup": "never"},
+            "tasks": [{"plugin": "hello", "input": {"text": "ws"}}],
+        }),
+    );
+    assert_eq!(status, 201, "{v}");
+    let run_id = v["run"]["id"].as_str().unwrap().to_owned();
+    let kept = std::path::PathBuf::from(v["run"]["workspace"]["host"].as_str().unwrap());
+    let view = s.wait_run(&run_id, SECS_30);
+    assert_eq!(view["run"]["state"], "succeeded", "{view:#}");
+    assert!(kept.join("a.txt").is_file(), "{}", kept.display());
+    // `<workspace_dir>/<instance>/<run id>`.
+    let root = kept.parent().unwrap().to_path_buf();
+    assert_eq!(root.file_name().unwrap().len(), 16, "{}", root.display());
+    let workspace_dir = root.parent().unwrap().to_path_buf();
+
+    // What a process that died between a copy and its run's commit leaves,
+    // beside things that are not this database's copies.
+    let stray = root.join("r_0000000000000000000000000a");
+    std::fs::create_dir_all(stray.join("sub")).unwrap();
+    std::fs::write(stray.join("sub/b.txt"), "b").unwrap();
+    let not_a_copy = root.join("notes");
+    std::fs::create_dir(&not_a_copy).unwrap();
+    let a_file = root.join("r_0000000000000000000000000b");
+    std::fs::write(&a_file, "not a directory").unwrap();
+    let other_db = workspace_dir.join("0123456789abcdef/r_0000000000000000000000000c");
+    std::fs::create_dir_all(&other_db).unwrap();
+    let beside = workspace_dir.join("r_0000000000000000000000000d");
+    std::fs::create_dir(&beside).unwrap();
+
+    s.kill9();
+    s.restart();
+    assert!(
+        !stray.exists(),
+        "the stray copy {} is still there",
+        stray.display()
+    );
+    assert!(kept.join("a.txt").is_file(), "a run's copy was swept");
+    for p in [&not_a_copy, &a_file, &other_db, &beside] {
+        assert!(p.exists(), "{} was swept", p.display());
+    }
+    // The server works on as before.
+    let (status, v) = s.get(&format!("/v1/runs/{run_id}"));
+    assert_eq!((status, &v["run"]["state"]), (200, &json!("succeeded")));
+}
+
 // ---------------------------------------------------------------------
 // 2. A thousand concurrent cancels
 // ---------------------------------------------------------------------

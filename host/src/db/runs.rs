@@ -8,6 +8,8 @@
 //! What a run's state *means* for its tasks (stop dispatching, cancel them) is
 //! the service's business; this module only records it.
 
+use std::collections::HashSet;
+
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::json;
 
@@ -235,6 +237,17 @@ pub(super) fn list(
 }
 
 /// Runs still `running` or `aborting`, oldest first.
+pub(super) fn existing(conn: &Connection, ids: Vec<String>) -> Result<HashSet<String>> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?;
+    let mut found = HashSet::new();
+    for id in ids {
+        if stmt.exists([&id])? {
+            found.insert(id);
+        }
+    }
+    Ok(found)
+}
+
 pub(super) fn unfinished(conn: &Connection) -> Result<Vec<RunRecord>> {
     conn.prepare_cached(&format!(
         "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('running', 'aborting')

@@ -60,7 +60,7 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Schema steps; `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// Version 1: plugins, runs, tasks, cancels and events.
 ///
@@ -223,6 +223,28 @@ const V5: &str = r#"
 ALTER TABLE runs ADD COLUMN timeout_ms INTEGER CHECK (timeout_ms IS NULL OR timeout_ms > 0);
 ALTER TABLE runs ADD COLUMN workspace TEXT;
 "#;
+
+/// Version 6: facts about the database itself. `instance` is a random id
+/// made once, when the database gets this version: the service keeps its
+/// runs' workspace copies under `<workspace_dir>/<instance>/`, so a server
+/// sweeping copies no run of its own has cannot touch those of a server
+/// with another database that shares the directory.
+const V6: &str = r#"
+CREATE TABLE meta (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
+) STRICT;
+INSERT INTO meta (key, value) VALUES ('instance', lower(hex(randomblob(8))));
+"#;
+
+/// This database's instance id (see [`V6`]).
+pub(super) fn instance(conn: &Connection) -> Result<String> {
+    Ok(
+        conn.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |row| {
+            row.get(0)
+        })?,
+    )
+}
 
 /// Opens the read-write connection the writer thread owns: WAL, the chosen
 /// `synchronous` level, foreign keys on, busy timeout set.

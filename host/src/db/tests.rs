@@ -132,12 +132,50 @@ async fn migrations_are_idempotent_on_reopen() {
     assert_eq!((mode.as_str(), foreign_keys), ("wal", true));
     let plugin = add_plugin(&db, "echo").await;
     let task = queued(&db, &plugin).await;
+    let instance = db.instance().to_owned();
     drop(db);
 
-    // A second open finds the schema current, applies nothing and keeps the data.
+    // A second open finds the schema current, applies nothing and keeps the
+    // data, the instance id included.
     let db = Db::open(&path).await.unwrap();
     assert_eq!(db.read(schema::user_version).await.unwrap(), latest);
     assert_eq!(db.get_task(&task.id).await.unwrap(), Some(task));
+    assert_eq!(db.instance(), instance);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_database_has_an_instance_id_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Db::open(&dir.path().join("a.db")).await.unwrap();
+    let b = Db::open(&dir.path().join("b.db")).await.unwrap();
+    for db in [&a, &b] {
+        let id = db.instance();
+        assert!(
+            id.len() == 16
+                && id
+                    .bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{id:?}"
+        );
+    }
+    assert_ne!(a.instance(), b.instance());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn existing_runs_names_only_runs_of_this_database() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let view = db
+        .insert_run(new_run("r_known", 1_000), vec![new_task(&plugin)])
+        .await
+        .unwrap();
+    let known = view.run.id.clone();
+    let found = db
+        .existing_runs(vec![known.clone(), "r_unknown".into(), String::new()])
+        .await
+        .unwrap();
+    assert_eq!(found, HashSet::from([known]));
+    assert!(db.existing_runs(Vec::new()).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
