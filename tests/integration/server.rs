@@ -131,8 +131,9 @@ fn kill_9_then_restart_settles_every_task() {
     assert!(s.all_tasks("&state=running").is_empty());
 }
 
-#[test]
-fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
+/// An allowed directory holding `src/a.txt`, and a server config that
+/// allows it: a workspace source for runs.
+fn workspace_source() -> (tempfile::TempDir, std::path::PathBuf, String) {
     let allowed = tempfile::tempdir().unwrap();
     let allowed_dir = std::fs::canonicalize(allowed.path()).unwrap();
     let src = allowed_dir.join("src");
@@ -142,6 +143,12 @@ fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
         "allowed_dirs = [{:?}]",
         allowed_dir.to_str().unwrap()
     ));
+    (allowed, src, cfg)
+}
+
+#[test]
+fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
+    let (_allowed, src, cfg) = workspace_source();
     let mut s = Server::start(&cfg, None);
     const TIMEOUT_MS: i64 = 4000;
     let (status, v) = s.post(
@@ -203,15 +210,7 @@ fn a_runs_workspace_and_timeout_outlive_the_process_that_made_them() {
 
 #[test]
 fn a_workspace_copy_no_run_has_is_swept_at_start_and_nothing_else() {
-    let allowed = tempfile::tempdir().unwrap();
-    let allowed_dir = std::fs::canonicalize(allowed.path()).unwrap();
-    let src = allowed_dir.join("src");
-    std::fs::create_dir(&src).unwrap();
-    std::fs::write(src.join("a.txt"), "a").unwrap();
-    let cfg = fixtures_config(&format!(
-        "allowed_dirs = [{:?}]",
-        allowed_dir.to_str().unwrap()
-    ));
+    let (_allowed, src, cfg) = workspace_source();
     let mut s = Server::start(&cfg, None);
     // A run whose copy is kept on purpose.
     let (status, v) = s.post(
