@@ -236,7 +236,7 @@ pub(super) fn list(
     Ok(page)
 }
 
-/// Runs still `running` or `aborting`, oldest first.
+/// Which of `ids` name a stored run.
 pub(super) fn existing(conn: &Connection, ids: Vec<String>) -> Result<HashSet<String>> {
     let mut stmt = conn.prepare_cached("SELECT 1 FROM runs WHERE id = ?1")?;
     let mut found = HashSet::new();
@@ -248,6 +248,7 @@ pub(super) fn existing(conn: &Connection, ids: Vec<String>) -> Result<HashSet<St
     Ok(found)
 }
 
+/// Runs still `running` or `aborting`, oldest first.
 pub(super) fn unfinished(conn: &Connection) -> Result<Vec<RunRecord>> {
     conn.prepare_cached(&format!(
         "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('running', 'aborting')
