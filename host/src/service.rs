@@ -303,22 +303,19 @@ impl Service {
         let root = self.workspace_root();
         let listed = {
             let root = root.clone();
-            tokio::task::spawn_blocking(move || crate::workspace::copies_under(&root)).await
+            tokio::task::spawn_blocking(move || crate::workspace::copies_under(&root))
+                .await
+                .map_err(std::io::Error::other)
+                .flatten()
         };
         let ids = match listed {
-            Ok(Ok(ids)) => ids,
-            Ok(Err(e)) => {
+            Ok(ids) if ids.is_empty() => return,
+            Ok(ids) => ids,
+            Err(e) => {
                 tracing::warn!(path = %root.display(), error = %e, "cannot list workspace copies");
                 return;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "workspace sweep died");
-                return;
-            }
         };
-        if ids.is_empty() {
-            return;
-        }
         let known = match self.inner.db.existing_runs(ids.clone()).await {
             Ok(known) => known,
             Err(e) => {
@@ -326,37 +323,12 @@ impl Service {
                 return;
             }
         };
-        let strays: Vec<PathBuf> = ids
-            .into_iter()
-            .filter(|id| !known.contains(id))
-            .map(|id| root.join(id))
-            .collect();
-        if strays.is_empty() {
-            return;
-        }
-        let removed = tokio::task::spawn_blocking(move || {
-            strays
-                .into_iter()
-                .map(|p| {
-                    let r = std::fs::remove_dir_all(&p);
-                    (p, r)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
-        for (path, r) in removed {
-            match r {
-                Ok(()) => tracing::warn!(
-                    path = %path.display(),
-                    "deleted a workspace copy no run has (its run was never committed)"
-                ),
-                Err(e) => tracing::warn!(
-                    path = %path.display(),
-                    error = %e,
-                    "cannot delete a workspace copy no run has"
-                ),
-            }
+        let strays: Vec<String> = ids.into_iter().filter(|id| !known.contains(id)).collect();
+        if !strays.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::workspace::delete_copies(&root, &strays)
+            })
+            .await;
         }
     }
 

@@ -21,16 +21,15 @@
 //! - The copy follows no symlink: links in the source are skipped, so a
 //!   source tree cannot smuggle a path outside itself into the workspace.
 //! - A run that could not be created leaves no copy behind.
-//!
 //! - The prepared workspace is stored with its run ([`Workspace::record`]),
 //!   so a server started after the one that made the copy died applies the
 //!   policy when the run ends.
-//!
 //! - A copy made for a run whose creation did not commit (the process died
 //!   between the copy and the commit) is named after a run id no run has;
 //!   the next service on that database deletes it at start-up
-//!   ([`copies_under`] lists the candidates). Each database has a root of
-//!   its own, so that sweep never sees another database's copies.
+//!   ([`copies_under`] lists the candidates, [`delete_copies`] deletes
+//!   them). Each database has a root of its own, so that sweep never sees
+//!   another database's copies.
 
 use std::path::{Path, PathBuf};
 
@@ -187,8 +186,6 @@ impl Workspace {
     }
 }
 
-/// Copies the files and directories under `from` into `to` (created),
-/// skipping symlinks and special files.
 /// The run ids with a copy under `root`: the directories named like a run
 /// id. Anything else there is not a copy and is left alone; a missing root
 /// has none.
@@ -213,6 +210,28 @@ pub fn copies_under(root: &Path) -> std::io::Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Deletes the copies of `ids` under `root` (runs that were never
+/// committed), saying so in the log, and what could not be deleted.
+/// Blocking: call it off the async runtime.
+pub fn delete_copies(root: &Path, ids: &[String]) {
+    for id in ids {
+        let path = root.join(id);
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::warn!(
+                path = %path.display(),
+                "deleted a workspace copy no run has (its run was never committed)"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot delete a workspace copy no run has"
+            ),
+        }
+    }
+}
+
+/// Copies the files and directories under `from` into `to` (created),
+/// skipping symlinks and special files.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir(to)?;
     for entry in std::fs::read_dir(from)? {
