@@ -433,7 +433,9 @@ async fn part1(scale: &Scale) -> anyhow::Result<String> {
             } else {
                 scale.samples_many
             };
-            let (outer, inner, late) = cancel::measure(&rt, &guests, work, n, samples).await?;
+            let (outer, inner) = cancel::measure(&rt, &guests, work, n, samples).await?;
+            let late = stats::over(&outer, cancel::TARGET);
+            let (outer, inner) = (stats::summarize(outer), stats::summarize(inner));
             // A signalled process needs CPU time to die: among a thousand
             // spinning processes that takes seconds, so fewer samples there.
             let native_samples = match (scale.native, work, n) {
