@@ -348,6 +348,22 @@ fn header(args: &Args) -> anyhow::Result<String> {
             "release"
         }
     )?;
+    // The class the runtime's epoch ticker got here (it depends on the
+    // process's privileges; see `Runtime::ticker_realtime`).
+    let ticker = wasmtask_runtime::Runtime::new(wasmtask_runtime::RuntimeConfig {
+        pooling: false,
+        ..wasmtask_runtime::RuntimeConfig::default()
+    })?
+    .ticker_realtime();
+    writeln!(
+        md,
+        "| epoch ticker | {} |",
+        if ticker {
+            "real-time (`SCHED_FIFO`)"
+        } else {
+            "normal priority (real-time not permitted)"
+        }
+    )?;
     writeln!(
         md,
         "| RUST_LIB_BACKTRACE | {} |\n",

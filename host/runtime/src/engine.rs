@@ -8,6 +8,9 @@
 //!   pay for it). Both share the ticker.
 //! - A single ticker thread advances the epoch every
 //!   [`RuntimeConfig::epoch_tick`]; a cancel additionally bumps it at once.
+//!   The ticker runs at real-time priority where the process may
+//!   ([`Runtime::ticker_realtime`]): the tick ends the running guests'
+//!   slices, so it must not wait for a CPU behind them.
 //! - Components and core modules are compiled only from bytes given to
 //!   [`Runtime::load`]; precompiled artifacts are produced by this process
 //!   and read back from the cache directory only (never accepted from
@@ -217,6 +220,7 @@ pub(crate) struct RuntimeInner {
     /// once per caller.
     cache: Mutex<HashMap<String, Arc<Mutex<Option<Plugin>>>>>,
     stop_ticker: Arc<AtomicBool>,
+    ticker_realtime: AtomicBool,
 }
 
 impl Drop for RuntimeInner {
@@ -451,14 +455,26 @@ impl Runtime {
             engines,
             cache: Mutex::new(HashMap::new()),
             stop_ticker: Arc::clone(&stop_ticker),
+            ticker_realtime: AtomicBool::new(false),
             config,
         });
-        spawn_ticker(Arc::downgrade(&inner), stop_ticker)?;
+        let realtime = spawn_ticker(Arc::downgrade(&inner), stop_ticker)?;
+        inner.ticker_realtime.store(realtime, Ordering::Release);
         Ok(Runtime { inner })
     }
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.inner.config
+    }
+
+    /// Whether the epoch ticker runs in the real-time class (`SCHED_FIFO`),
+    /// which needs `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least 1.
+    /// Without it the ticker is an ordinary thread, and a guest the kernel
+    /// lets run on can delay its tick, and so the end of its own time slice,
+    /// up to a scheduler tick (see "Slice ends are scheduling points" in
+    /// `scheduler.rs`).
+    pub fn ticker_realtime(&self) -> bool {
+        self.inner.ticker_realtime.load(Ordering::Acquire)
     }
 
     /// Threads that execute guests (see `scheduler.rs`).
@@ -677,14 +693,18 @@ fn write_cache(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn spawn_ticker(rt: std::sync::Weak<RuntimeInner>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Starts the ticker thread and returns whether it runs at real-time
+/// priority (see [`Runtime::ticker_realtime`]).
+fn spawn_ticker(rt: std::sync::Weak<RuntimeInner>, stop: Arc<AtomicBool>) -> anyhow::Result<bool> {
     let tick = rt
         .upgrade()
         .map(|r| r.config.epoch_tick)
         .unwrap_or(Duration::from_millis(2));
+    let (told, priority) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("wasmtask-epoch".into())
         .spawn(move || {
+            let _ = told.send(crate::scheduler::make_realtime());
             while !stop.load(Ordering::Acquire) {
                 std::thread::sleep(tick);
                 let Some(rt) = rt.upgrade() else { break };
@@ -694,7 +714,17 @@ fn spawn_ticker(rt: std::sync::Weak<RuntimeInner>, stop: Arc<AtomicBool>) -> any
                 }
             }
         })?;
-    Ok(())
+    match priority.recv()? {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::info!(
+                error = %e,
+                "the epoch ticker runs at normal priority (real-time priority not permitted): \
+                 under load a guest's time slice can end up to a scheduler tick late"
+            );
+            Ok(false)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -725,6 +755,51 @@ mod tests {
         assert_eq!(fit_to_map_limit(asked(10_016), None).max_concurrent, 10_016);
         // A tiny cap still leaves one task.
         assert_eq!(concurrency_cap(100), 1);
+    }
+
+    #[test]
+    fn the_ticker_is_real_time_where_the_process_may_use_it() {
+        // Whether this process may use the real-time class, asked on a
+        // thread of its own (the answer depends on the machine, the test
+        // checks that the runtime acts on it and says so).
+        let permitted = std::thread::spawn(|| crate::scheduler::make_realtime().is_ok())
+            .join()
+            .unwrap();
+        let rt = Runtime::new(RuntimeConfig {
+            pooling: false,
+            ..RuntimeConfig::default()
+        })
+        .unwrap();
+        assert_eq!(rt.ticker_realtime(), permitted);
+        #[cfg(target_os = "linux")]
+        {
+            // The ticker threads of this test process (other tests' runtimes
+            // included, made the same way) are in that class.
+            let mut policies = Vec::new();
+            for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+                let dir = entry.unwrap().path();
+                let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+                if comm.trim_end() != "wasmtask-epoch" {
+                    continue;
+                }
+                let tid: libc::pid_t = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+                // SAFETY: a plain query of another thread's policy.
+                let policy = unsafe { libc::sched_getscheduler(tid) };
+                if policy >= 0 {
+                    policies.push(policy);
+                }
+            }
+            assert!(!policies.is_empty(), "no ticker thread found");
+            let want = if permitted {
+                libc::SCHED_FIFO
+            } else {
+                libc::SCHED_OTHER
+            };
+            assert!(
+                policies.iter().all(|&p| p == want),
+                "{policies:?}, want {want}"
+            );
+        }
     }
 
     #[test]

@@ -36,6 +36,12 @@
 //!   shrink the tail). Yielding at every slice end bounds the wait by the
 //!   epoch tick; over 4 interleaved pairs of 1,000 HTTP cancels under load,
 //!   the share over 2 ms went from 3.5% to 2.1% (BENCHMARKS.md, part 2).
+//!   A *woken* thread can be passed over too: traced again, control-plane
+//!   threads woken onto a guest's CPU waited up to 4 ms behind it, and so
+//!   did the ticker itself, so the slice end that should have bounded the
+//!   wait came late. The ticker therefore runs in the real-time class
+//!   where the process may (`make_realtime`): its wake preempts any guest,
+//!   the tick is on time, and no wait behind a guest outlasts a slice.
 //! - **Cancel jumps the queue.** A cancel (and a grace period or timeout
 //!   running out) marks the task *urgent* before waking it ([`Urgent`]); an
 //!   urgent wake puts the task at the *front* of the run queue, moving it
@@ -341,6 +347,28 @@ impl GuestPriority {
             }
         }
     }
+}
+
+/// Puts the calling thread in the real-time class at its lowest priority
+/// (`SCHED_FIFO` 1), above every ordinary thread: used for the epoch
+/// ticker, which runs for microseconds per tick, so that a tick is never
+/// late because the CPU it wakes on is busy. Fails without
+/// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO` of at least 1, and off Linux.
+pub(crate) fn make_realtime() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 1 };
+        // SAFETY: a plain syscall on the calling thread (pid 0).
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+            return Ok(());
+        }
+        Err(std::io::Error::last_os_error())
+    }
+    #[cfg(not(target_os = "linux"))]
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "real-time scheduling is only used on Linux",
+    ))
 }
 
 /// A future that is pending exactly once, waking itself: used by the epoch
