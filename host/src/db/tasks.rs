@@ -520,7 +520,33 @@ pub(super) fn insert(conn: &Connection, t: &NewTask) -> Result<TaskRecord> {
         ":max_attempts": t.max_attempts.max(1),
         ":queued_at": t.queued_at,
     })?;
-    let task = load_existing(conn, &t.id)?;
+    // The record as written, built here rather than read back: a read and
+    // a decode of the spec per submission, in the writer, which every
+    // submission goes through. (Tests compare it with what `load` reads.)
+    let task = TaskRecord {
+        id: t.id.clone(),
+        plugin_id: t.plugin_id.clone(),
+        plugin_name: t.plugin_name.clone(),
+        plugin_kind: t.plugin_kind,
+        state: TaskState::Queued,
+        run_id: t.run_id.clone(),
+        spec: t.spec.clone(),
+        attempt: 0,
+        max_attempts: t.max_attempts.max(1),
+        queued_at: t.queued_at,
+        started_at: None,
+        cancel_requested_at: None,
+        finished_at: None,
+        output: None,
+        partial_output: None,
+        progress: None,
+        error: None,
+        exit_code: None,
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+        usage: Usage::default(),
+        cancel: None,
+    };
     events::insert(
         conn,
         &task_event(

@@ -285,6 +285,44 @@ async fn insert_checks_plugin_run_and_id() {
     assert_eq!(event_kinds(&db, &task.id).await, [EventKind::TaskQueued]);
 }
 
+/// `insert` builds the record it returns instead of reading it back: it
+/// must be the record as stored, the edge cases (0 attempts is stored as 1,
+/// tasks inserted with their run) included.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inserted_task_is_returned_as_stored() {
+    let (_dir, db) = open_temp().await;
+    let plugin = add_plugin(&db, "echo").await;
+    let mut t = new_task(&plugin);
+    t.max_attempts = 0;
+    let inserted = db.insert_task(t).await.unwrap();
+    assert_eq!(inserted.max_attempts, 1);
+    assert_eq!(db.get_task(&inserted.id).await.unwrap(), Some(inserted));
+
+    let mut step = new_task(&plugin);
+    step.spec.key = Some("only".into());
+    step.max_attempts = 2;
+    let view = db
+        .insert_run(
+            NewRun {
+                id: "r_2".into(),
+                name: Some("one step".into()),
+                fail_fast: false,
+                created_at: now_millis(),
+                timeout_ms: None,
+                workspace: None,
+            },
+            vec![step],
+        )
+        .await
+        .unwrap();
+    assert_eq!(view.tasks.len(), 1);
+    assert_eq!(view.tasks[0].run_id.as_deref(), Some("r_2"));
+    assert_eq!(
+        db.get_task(&view.tasks[0].id).await.unwrap().as_ref(),
+        Some(&view.tasks[0])
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn insert_then_get_round_trips_every_field() {
     let (_dir, db) = open_temp().await;
