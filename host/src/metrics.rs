@@ -20,6 +20,7 @@
 //! | `wasmtask_traps_total{kind}` | counter |
 //! | `wasmtask_tasks_submitted_total` | counter |
 //! | `wasmtask_cancels_total` | counter |
+//! | `wasmtask_epoch_ticker_realtime` | gauge |
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -332,6 +333,23 @@ impl Metrics {
     }
 }
 
+/// Appends the runtime's settings in force that the operator may need to
+/// fix: whether the epoch ticker got real-time priority (without it a
+/// guest's time slice can end late under load; see docs/config.md).
+pub fn render_runtime(ticker_realtime: bool, out: &mut String) {
+    header(
+        out,
+        "wasmtask_epoch_ticker_realtime",
+        "1 when the epoch ticker runs at real-time priority, 0 when the process may not use it.",
+        "gauge",
+    );
+    let _ = writeln!(
+        out,
+        "wasmtask_epoch_ticker_realtime {}",
+        u8::from(ticker_realtime)
+    );
+}
+
 /// Appends the SQLite writer's figures: commits, jobs, the queue, and the
 /// checkpointer's pauses of the writer (each delays the job in hand).
 pub fn render_writer(stats: &crate::db::WriteStats, out: &mut String) {
@@ -607,14 +625,16 @@ mod tests {
         };
         let mut text = Metrics::default().render(&[], 0, 0);
         render_writer(&stats, &mut text);
+        render_runtime(true, &mut text);
         let families = parse_exposition(&text);
-        assert_eq!(families.len(), 8 + 5);
+        assert_eq!(families.len(), 8 + 5 + 1);
         for (line, kind) in [
             ("wasmtask_db_commits_total 12", "counter"),
             ("wasmtask_db_write_jobs_total 40", "counter"),
             ("wasmtask_db_writer_pauses_total 3", "counter"),
             ("wasmtask_db_writer_paused_seconds_total 0.0015", "counter"),
             ("wasmtask_db_write_queue 2", "gauge"),
+            ("wasmtask_epoch_ticker_realtime 1", "gauge"),
         ] {
             assert!(text.lines().any(|l| l == line), "{line}:\n{text}");
             let name = line.split(' ').next().unwrap();

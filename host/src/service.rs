@@ -365,6 +365,7 @@ impl Service {
             .metrics
             .render(&counts, self.running(), self.waiting_for_cpu());
         crate::metrics::render_writer(&self.inner.db.write_stats(), &mut text);
+        crate::metrics::render_runtime(self.inner.rt.ticker_realtime(), &mut text);
         Ok(text)
     }
 

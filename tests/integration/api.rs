@@ -1379,6 +1379,9 @@ async fn metrics_health_and_openapi() {
         sample(&text, "wasmtask_tasks_submitted_total") >= 5.0,
         "{text}"
     );
+    // The ticker's class, as the runtime got it on this machine.
+    let realtime = sample(&text, "wasmtask_epoch_ticker_realtime");
+    assert!(realtime == 0.0 || realtime == 1.0, "{realtime}:\n{text}");
 
     // The list filter agrees.
     let (status, list) = api.get("/v1/tasks?state=canceled").await;
