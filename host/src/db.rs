@@ -105,7 +105,7 @@ use crate::model::{
 };
 
 pub use events::{MAX_EVENT_DATA_BYTES, MAX_EVENT_MESSAGE_BYTES, MAX_EVENTS_PAGE};
-pub use ids::{new_run_id, new_task_id};
+pub use ids::{is_run_id, new_run_id, new_task_id};
 pub use runs::{DEFAULT_RUNS_PAGE, MAX_RUNS_PAGE};
 pub use tasks::{
     DEFAULT_TASKS_PAGE, MAX_ERROR_TEXT_BYTES, MAX_PARTIAL_OUTPUT_BYTES, MAX_TASKS_PAGE,

@@ -187,8 +187,8 @@ impl Workspace {
 }
 
 /// The run ids with a copy under `root`: the directories named like a run
-/// id. Anything else there is not a copy and is left alone; a missing root
-/// has none.
+/// id ([`crate::db::is_run_id`]). Anything else there is not a copy and is
+/// left alone; a missing root has none.
 pub fn copies_under(root: &Path) -> std::io::Result<Vec<String>> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
@@ -202,7 +202,7 @@ pub fn copies_under(root: &Path) -> std::io::Result<Vec<String>> {
             continue;
         };
         // `file_type` does not follow a symlink: a link is never a copy.
-        if name.starts_with("r_") && entry.file_type()?.is_dir() {
+        if crate::db::is_run_id(&name) && entry.file_type()?.is_dir() {
             ids.push(name);
         }
     }
@@ -351,11 +351,18 @@ mod tests {
             copies_under(&root).unwrap().is_empty(),
             "a missing root has none"
         );
-        std::fs::create_dir_all(root.join("r_b/sub")).unwrap();
-        std::fs::create_dir(root.join("r_a")).unwrap();
+        let (a, b, file, link) = (
+            crate::db::new_run_id(),
+            crate::db::new_run_id(),
+            crate::db::new_run_id(),
+            crate::db::new_run_id(),
+        );
+        std::fs::create_dir_all(root.join(&b).join("sub")).unwrap();
+        std::fs::create_dir(root.join(&a)).unwrap();
         std::fs::create_dir(root.join("other")).unwrap();
-        std::fs::write(root.join("r_file"), "x").unwrap();
-        std::os::unix::fs::symlink(dir.path(), root.join("r_link")).unwrap();
-        assert_eq!(copies_under(&root).unwrap(), ["r_a", "r_b"]);
+        std::fs::create_dir(root.join("r_backup")).unwrap();
+        std::fs::write(root.join(file), "x").unwrap();
+        std::os::unix::fs::symlink(dir.path(), root.join(link)).unwrap();
+        assert_eq!(copies_under(&root).unwrap(), [a, b]);
     }
 }

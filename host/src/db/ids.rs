@@ -33,6 +33,13 @@ pub fn new_run_id() -> String {
     format!("r_{}", encode(next_value()))
 }
 
+/// Whether `s` has the shape of a run id ([`new_run_id`]): `r_` and 26
+/// characters of the alphabet.
+pub fn is_run_id(s: &str) -> bool {
+    s.strip_prefix("r_")
+        .is_some_and(|rest| rest.len() == 26 && rest.bytes().all(|b| ALPHABET.contains(&b)))
+}
+
 fn next_value() -> u128 {
     let millis = u128::from(u64::try_from(now_millis()).unwrap_or(0) & 0xFFFF_FFFF_FFFF);
     let mut value = (millis << 80) | random_80();
@@ -81,6 +88,18 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted, ids, "ids must be unique and increasing");
+    }
+
+    #[test]
+    fn run_ids_are_recognised_by_their_shape() {
+        assert!(is_run_id(&new_run_id()));
+        assert!(!is_run_id(&new_task_id()));
+        assert!(!is_run_id("r_backup"));
+        assert!(!is_run_id(&format!("{}x", new_run_id())));
+        assert!(
+            !is_run_id("r_0123456789abcdefghjkmnpqrI"),
+            "not in the alphabet"
+        );
     }
 
     #[test]
