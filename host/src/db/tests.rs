@@ -302,17 +302,7 @@ async fn an_inserted_task_is_returned_as_stored() {
     step.spec.key = Some("only".into());
     step.max_attempts = 2;
     let view = db
-        .insert_run(
-            NewRun {
-                id: "r_2".into(),
-                name: Some("one step".into()),
-                fail_fast: false,
-                created_at: now_millis(),
-                timeout_ms: None,
-                workspace: None,
-            },
-            vec![step],
-        )
+        .insert_run(new_run("r_2", now_millis()), vec![step])
         .await
         .unwrap();
     assert_eq!(view.tasks.len(), 1);
