@@ -41,7 +41,8 @@
 //!   did the ticker itself, so the slice end that should have bounded the
 //!   wait came late. The ticker therefore runs in the real-time class
 //!   where the process may (`make_realtime`): its wake preempts any guest,
-//!   the tick is on time, and no wait behind a guest outlasts a slice.
+//!   the tick is on time, and a wait behind a guest lasts about a slice
+//!   at most (2.1 ms in three traced runs, with the 2 ms tick).
 //! - **Cancel jumps the queue.** A cancel (and a grace period or timeout
 //!   running out) marks the task *urgent* before waking it ([`Urgent`]); an
 //!   urgent wake puts the task at the *front* of the run queue, moving it
