@@ -335,7 +335,11 @@ where
 }
 
 fn decode_input<In: DeserializeOwned>(input: &[u8]) -> Result<In> {
-    let json: &[u8] = if input.trim_ascii().is_empty() { b"null" } else { input };
+    let json: &[u8] = if input.trim_ascii().is_empty() {
+        b"null"
+    } else {
+        input
+    };
     serde_json::from_slice(json).map_err(Error::invalid_input)
 }
 
@@ -365,7 +369,8 @@ macro_rules! task {
             impl $crate::bindings::Guest for WasmtaskTask {
                 fn run(
                     input: ::std::vec::Vec<u8>,
-                ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::bindings::TaskError> {
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::bindings::TaskError>
+                {
                     $crate::__run(input, $run)
                 }
             }

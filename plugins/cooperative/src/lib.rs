@@ -58,11 +58,21 @@ fn run(ctx: &Context, input: Input) -> Result<Output> {
         if !input.ignore_cancel
             && let Some(reason) = ctx.cancel_reason()
         {
-            ctx.warn(format!("cancel requested: {reason}, stopping after step {done}"));
-            return Ok(Output { done, acc, partial: true });
+            ctx.warn(format!(
+                "cancel requested: {reason}, stopping after step {done}"
+            ));
+            return Ok(Output {
+                done,
+                acc,
+                partial: true,
+            });
         }
     }
-    Ok(Output { done: input.steps, acc, partial: false })
+    Ok(Output {
+        done: input.steps,
+        acc,
+        partial: false,
+    })
 }
 
 fn xorshift(mut x: u64) -> u64 {

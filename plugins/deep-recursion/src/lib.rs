@@ -30,7 +30,10 @@ struct Output {
 fn run(_ctx: &Context, input: Option<Input>) -> Result<Output> {
     let depth = input.and_then(|input| input.depth);
     let sum = recurse(1, depth);
-    Ok(Output { depth: depth.unwrap_or(u64::MAX), sum })
+    Ok(Output {
+        depth: depth.unwrap_or(u64::MAX),
+        sum,
+    })
 }
 
 /// Sum of the levels `level..=depth`; without a depth it never returns.

@@ -44,7 +44,12 @@ fn main() {
         lines.push(format!("arg: {}", arg.to_string_lossy()));
     }
     let mut vars: Vec<(String, String)> = std::env::vars_os()
-        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
         .collect();
     vars.sort();
     for (k, v) in &vars {

@@ -41,11 +41,15 @@ fn run(_ctx: &Context, input: Input) -> Result<Output> {
         chunks.push(black_box(chunk));
     }
     black_box(&chunks);
-    Ok(Output { allocated_mb: input.mb })
+    Ok(Output {
+        allocated_mb: input.mb,
+    })
 }
 
 fn out_of_memory(allocated: u32, wanted: u32) -> Error {
-    Error::failed(format!("allocation failed after {allocated} MiB of {wanted} MiB"))
+    Error::failed(format!(
+        "allocation failed after {allocated} MiB of {wanted} MiB"
+    ))
 }
 
 wasmtask_guest::task!(run);

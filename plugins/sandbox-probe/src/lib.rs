@@ -82,11 +82,21 @@ fn run(_ctx: &Context, input: Option<Input>) -> Result<Report> {
     report.env = env;
 
     let attempts: [(&str, Attempt); 5] = [
-        ("tcp connect 127.0.0.1:80", || TcpStream::connect("127.0.0.1:80").map(drop)),
-        ("tcp connect 127.0.0.1:22", || TcpStream::connect("127.0.0.1:22").map(drop)),
-        ("tcp listen 127.0.0.1:0", || TcpListener::bind("127.0.0.1:0").map(drop)),
-        ("udp bind 0.0.0.0:0", || UdpSocket::bind("0.0.0.0:0").map(drop)),
-        ("dns resolve localhost", || ("localhost", 80).to_socket_addrs().map(drop)),
+        ("tcp connect 127.0.0.1:80", || {
+            TcpStream::connect("127.0.0.1:80").map(drop)
+        }),
+        ("tcp connect 127.0.0.1:22", || {
+            TcpStream::connect("127.0.0.1:22").map(drop)
+        }),
+        ("tcp listen 127.0.0.1:0", || {
+            TcpListener::bind("127.0.0.1:0").map(drop)
+        }),
+        ("udp bind 0.0.0.0:0", || {
+            UdpSocket::bind("0.0.0.0:0").map(drop)
+        }),
+        ("dns resolve localhost", || {
+            ("localhost", 80).to_socket_addrs().map(drop)
+        }),
     ];
     for (name, attempt) in attempts {
         match attempt() {

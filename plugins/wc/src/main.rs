@@ -79,12 +79,20 @@ fn main() -> ExitCode {
     for (_, counts) in &rows {
         total.add(*counts);
     }
-    let printed = if json_output { print_json(&rows, total) } else { print_table(&rows, total) };
+    let printed = if json_output {
+        print_json(&rows, total)
+    } else {
+        print_table(&rows, total)
+    };
     if let Err(error) = printed {
         eprintln!("wc: cannot write output: {error}");
         ok = false;
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `path` itself if it is not a directory, else every non-directory under
@@ -159,9 +167,21 @@ fn print_table(rows: &[(String, Counts)], total: Counts) -> io::Result<()> {
     let ww = width("words", |c| c.words);
     let bw = width("bytes", |c| c.bytes);
     let mut out = io::BufWriter::new(io::stdout().lock());
-    writeln!(out, "{:>lw$} {:>ww$} {:>bw$} path", "lines", "words", "bytes")?;
-    for (path, c) in rows.iter().map(|(p, c)| (p.as_str(), c)).chain([("total", &total)]) {
-        writeln!(out, "{:>lw$} {:>ww$} {:>bw$} {path}", c.lines, c.words, c.bytes)?;
+    writeln!(
+        out,
+        "{:>lw$} {:>ww$} {:>bw$} path",
+        "lines", "words", "bytes"
+    )?;
+    for (path, c) in rows
+        .iter()
+        .map(|(p, c)| (p.as_str(), c))
+        .chain([("total", &total)])
+    {
+        writeln!(
+            out,
+            "{:>lw$} {:>ww$} {:>bw$} {path}",
+            c.lines, c.words, c.bytes
+        )?;
     }
     out.flush()
 }
@@ -182,7 +202,10 @@ struct Report<'a> {
 fn print_json(rows: &[(String, Counts)], total: Counts) -> io::Result<()> {
     let files = rows
         .iter()
-        .map(|(path, counts)| FileReport { path, counts: *counts })
+        .map(|(path, counts)| FileReport {
+            path,
+            counts: *counts,
+        })
         .collect();
     let mut out = io::stdout().lock();
     serde_json::to_writer(&mut out, &Report { files, total })?;
