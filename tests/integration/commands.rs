@@ -86,7 +86,7 @@ async fn wc_reads_stdin_and_fails_on_a_missing_path() {
 /// (std's exit code 2 arrives as 1: WASI 0.2 `exit` carries only failure).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cpu_burn_computes_what_native_code_computes() {
-    for (what, n) in [("loops", 100_000u64), ("calls", 20)] {
+    for (what, n) in [("loops", 100_000u64), ("calls", 20), ("mixed", 3)] {
         let mut req = request("cpu-burn", json!(null));
         req.wasi.args = vec![what.into(), n.to_string()];
         let report = run(req).await;

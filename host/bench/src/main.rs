@@ -86,9 +86,11 @@ pub struct Scale {
     pub http_samples: usize,
     /// Part 2: how long the machine's stalls are probed.
     pub stall_probe: Duration,
-    /// Part 3: loop iterations, fib argument, repetitions.
+    /// Part 3: loop iterations, fib argument, rounds of mixed work,
+    /// repetitions.
     pub loops: u64,
     pub fib: u64,
+    pub mixed: u64,
     pub reps: usize,
     /// Part 4: instantiations.
     pub instantiations: usize,
@@ -115,6 +117,7 @@ impl Scale {
                 stall_probe: Duration::from_millis(200),
                 loops: 1_000_000,
                 fib: 20,
+                mixed: 5,
                 reps: 1,
                 instantiations: 20,
                 trivial: 200,
@@ -134,6 +137,7 @@ impl Scale {
                 stall_probe: Duration::from_secs(5),
                 loops: 400_000_000,
                 fib: 38,
+                mixed: MIXED_ROUNDS,
                 reps: 7,
                 instantiations: 5000,
                 trivial: 30_000,
@@ -414,6 +418,10 @@ fn bench_runtime(max_concurrent: usize) -> anyhow::Result<Runtime> {
 /// the `n` processes, which are not replaced, so at most `n` in all).
 const NATIVE_SAMPLES: usize = 200;
 
+/// Part 3's rounds of mixed work in a full run (about a fifth of a second
+/// natively on the project's machine).
+const MIXED_ROUNDS: u64 = 1000;
+
 async fn part1(scale: &Scale) -> anyhow::Result<String> {
     use native::Work;
     use stats::{dur, ratio};
@@ -620,17 +628,23 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
     writeln!(
         md,
         "`cpu-burn` (in `plugins/`): **loops** = {} iterations of a xorshift loop (no calls); \
-         **calls** = fib({}) by naive recursion (almost all function entries). One guest at a \
-         time, {} rounds, each round running every variant once in turn (so a burst of noise \
+         **calls** = fib({}) by naive recursion (almost all function entries); **mixed** = {} \
+         rounds of formatting 1,000 pseudo-random words, sorting, deduplicating and counting \
+         them in a `BTreeMap` (allocation, formatting, comparisons: calls and loops as ordinary \
+         plugin code has them). One guest at a time, {} rounds, each round running every variant once in turn (so a burst of noise \
          from the shared machine does not fall on one variant's runs). Shown: the fastest run \
          (the cost without interference), the median in brackets; ratios are of the fastest \
          runs, to the uninterrupted wasm run. Every run's checksum equals the native one.\n",
         stats::count(scale.loops as f64),
         scale.fib,
+        stats::count(scale.mixed as f64),
         scale.reps
     )?;
-    writeln!(md, "| variant | loops | ratio | calls | ratio |")?;
-    writeln!(md, "|---|---:|---:|---:|---:|")?;
+    writeln!(
+        md,
+        "| variant | loops | ratio | calls | ratio | mixed | ratio |"
+    )?;
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
     let variants = [
         ("native Rust (same source, opt-level 3)", 0),
         ("wasm, no interruption", 1),
@@ -640,10 +654,10 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
     ];
     let mut expect = Vec::new();
     for what in overhead::WORKLOADS {
-        let n = if what == "loops" {
-            scale.loops
-        } else {
-            scale.fib
+        let n = match what {
+            "loops" => scale.loops,
+            "calls" => scale.fib,
+            _ => scale.mixed,
         };
         expect.push((what, n, overhead::native(what, n)?.1));
     }
@@ -684,14 +698,10 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
                 format!("{:.3}", fastest(v, w).as_secs_f64() / b)
             }
         };
-        writeln!(
-            md,
-            "| {label} | {} | {} | {} | {} |",
-            cell(0),
-            ratio(0),
-            cell(1),
-            ratio(1)
-        )?;
+        let cells: Vec<String> = (0..expect.len())
+            .map(|w| format!("{} | {}", cell(w), ratio(w)))
+            .collect();
+        writeln!(md, "| {label} | {} |", cells.join(" | "))?;
     }
     Ok(md)
 }

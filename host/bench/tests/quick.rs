@@ -43,6 +43,10 @@ fn quick_mode_runs_every_part_and_writes_every_table() {
         assert!(md.contains(row), "missing row {row}:\n{md}");
     }
     assert!(md.contains("**wasmtask as shipped**"), "{md}");
+    assert!(
+        md.contains("| variant | loops | ratio | calls | ratio | mixed | ratio |"),
+        "{md}"
+    );
     assert!(md.contains("**The machine's own stalls**"), "{md}");
     assert!(
         md.contains("pooling (as shipped)") || md.contains("pooling refused"),

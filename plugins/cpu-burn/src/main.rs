@@ -1,5 +1,6 @@
 //! Fixture command: `cpu-burn loops N` runs N iterations of a tight loop,
-//! `cpu-burn calls N` computes fib(N) by naive recursion; either prints the
+//! `cpu-burn calls N` computes fib(N) by naive recursion, `cpu-burn mixed N`
+//! runs N rounds of formatting, sorting and counting words; each prints the
 //! checksum. The benchmark runs the same work natively (see `work.rs`).
 
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None => {
-            eprintln!("usage: cpu-burn loops|calls N");
+            eprintln!("usage: cpu-burn loops|calls|mixed N");
             ExitCode::from(2)
         }
     }
