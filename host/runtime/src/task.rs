@@ -133,7 +133,7 @@ pub struct TaskReport {
 pub struct RunningTask {
     cancel: CancelHandle,
     shared: Arc<Shared>,
-    report: tokio::sync::oneshot::Receiver<TaskReport>,
+    report: crate::wake::ReportReceiver<TaskReport>,
     started_wall: SystemTime,
 }
 
@@ -251,12 +251,14 @@ impl Runtime {
             req.events,
             cfg.caps,
         );
-        let (tx, report) = tokio::sync::oneshot::channel();
+        // The report goes from a guest thread to the waiter through the
+        // runtime's I/O driver (`wake.rs`): one wake-up instead of two.
+        let (tx, report) = crate::wake::report_channel(self.inner.relays.for_handle(&handle));
         self.inner
             .pool
             .spawn(handle, Arc::clone(cancel.urgent()), async move {
                 // The caller may have stopped waiting; the report is then moot.
-                let _ = tx.send(driver.run(data).await);
+                tx.send(driver.run(data).await);
             });
         Ok(RunningTask {
             cancel: CancelHandle { state: cancel },
