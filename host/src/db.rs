@@ -5,7 +5,10 @@
 //!
 //! - **One writer.** A dedicated OS thread (`db/writer.rs`) owns the only
 //!   read-write connection. Callers send it a job over a bounded channel and
-//!   await a `oneshot` reply; nothing here blocks a tokio worker thread.
+//!   await a one-shot reply; nothing here blocks a tokio worker thread. The
+//!   replies wake their callers through the runtime's wake relay
+//!   (`wasmtask_runtime::wake`): a commit's replies reach the tokio runtime
+//!   as one I/O event instead of a remote wake each.
 //! - **Group commit.** The writer drains every queued job (up to
 //!   [`MAX_BATCH`]) into ONE `BEGIN IMMEDIATE` transaction. A job that
 //!   fails leaves no trace and the others in the batch still commit: most
@@ -97,7 +100,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::model::{
     Event, Finish, NewEvent, PluginKind, RunRecord, RunState, RunView, RunWorkspace, TaskRecord,
@@ -469,6 +472,8 @@ struct Inner {
     instance: String,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
+    /// How the writer's replies wake their callers.
+    relays: wasmtask_runtime::wake::Relays,
 }
 
 impl std::fmt::Debug for Db {
@@ -525,6 +530,7 @@ impl Db {
         Ok(Db {
             inner: Arc::new(Inner {
                 _checkpointer: checkpointer,
+                relays: wasmtask_runtime::wake::Relays::default(),
                 writer: sender,
                 stats,
                 last_seq,
@@ -852,7 +858,10 @@ impl Db {
         T: Send + 'static,
         F: FnMut(&Connection) -> Result<T> + Send + 'static,
     {
-        let (reply, response) = oneshot::channel();
+        let relay = tokio::runtime::Handle::try_current()
+            .ok()
+            .and_then(|h| self.inner.relays.for_handle(&h));
+        let (reply, response) = wasmtask_runtime::wake::report_channel(relay);
         self.inner
             .writer
             .send(writer::job(work, reply))

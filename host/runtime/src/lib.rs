@@ -31,7 +31,7 @@ mod sandbox;
 mod scheduler;
 mod stdin;
 mod task;
-mod wake;
+pub mod wake;
 
 pub use cancel::{CancelAck, CancelHandle, CancelRequest};
 pub use engine::{

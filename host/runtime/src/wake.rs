@@ -18,9 +18,10 @@
 //! worker's own queue. Wakes that arrive while the relay task is pending are
 //! sent in one batch.
 //!
-//! [`report_channel`] is the one-shot channel a task's report travels on.
-//! Its receiver uses the relay only when it is polled on a worker of the
-//! relay's runtime; anywhere else (another runtime, a thread blocking on the
+//! [`report_channel`] is the one-shot channel a task's report travels on
+//! (and the host's SQLite writer replies on: one commit's replies then reach
+//! the runtime as one I/O event). Its receiver uses the relay only when it
+//! is polled inside the relay's runtime; anywhere else (another runtime, a thread blocking on the
 //! future) the sender wakes it directly, as a plain channel would. If the
 //! relay's runtime has shut down, wakes fall back to direct ones too.
 
@@ -72,10 +73,13 @@ impl Relay {
             relayed: AtomicU64::new(0),
         });
         let task_shared = Arc::clone(&shared);
+        // Whatever ends the task (its runtime shutting down drops it, polled
+        // or not), the wakes still queued are delivered and later ones are
+        // direct. Made out here, the guard is dropped with the future even
+        // if it never ran.
+        let closed = CloseOnDrop(Arc::clone(&shared));
         handle.spawn(async move {
-            // Whatever ends the task (its runtime shutting down drops it),
-            // the wakes still queued are delivered and later ones are direct.
-            let _closed = CloseOnDrop(Arc::clone(&task_shared));
+            let _closed = closed;
             let mut buf = [0u8; 64];
             loop {
                 if read.readable().await.is_err() {
@@ -238,6 +242,8 @@ pub fn report_channel<T>(relay: Option<Relay>) -> (ReportSender<T>, ReportReceiv
     )
 }
 
+/// The sending half of [`report_channel`]; dropping it unsent ends the
+/// wait with [`Closed`].
 pub struct ReportSender<T> {
     slot: Arc<Mutex<Slot<T>>>,
     relay: Option<Relay>,
@@ -284,6 +290,7 @@ impl<T> std::fmt::Debug for ReportSender<T> {
     }
 }
 
+/// The receiving half of [`report_channel`]: a future of the value.
 pub struct ReportReceiver<T> {
     slot: Arc<Mutex<Slot<T>>>,
     runtime: Option<tokio::runtime::Id>,

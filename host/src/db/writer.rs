@@ -51,7 +51,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
+use wasmtask_runtime::wake::ReportSender;
 
 use super::{DbError, Result, WriteStats};
 
@@ -76,11 +77,11 @@ pub(super) trait Job: Send {
 struct Pending<T, F> {
     work: F,
     outcome: Option<Result<T>>,
-    reply: oneshot::Sender<Result<T>>,
+    reply: ReportSender<Result<T>>,
 }
 
 /// Wraps `work` and the channel its result goes to.
-pub(super) fn job<T, F>(work: F, reply: oneshot::Sender<Result<T>>) -> Box<dyn Job>
+pub(super) fn job<T, F>(work: F, reply: ReportSender<Result<T>>) -> Box<dyn Job>
 where
     T: Send + 'static,
     F: FnMut(&Connection) -> Result<T> + Send + 'static,
@@ -118,7 +119,7 @@ where
             (None, None) => Err(DbError::TransactionFailed("the job did not run".into())),
         };
         // The caller may have stopped waiting; the write stands regardless.
-        let _ = self.reply.send(result);
+        self.reply.send(result);
     }
 }
 
