@@ -11,7 +11,7 @@
 //! (BENCHMARKS.md, part 5).
 //!
 //! A [`Relay`] avoids that. The guest thread queues the waiter's `Waker` and
-//! writes a byte to a socket that a tokio task of that runtime reads. The
+//! sends a byte to a socket that a tokio task of that runtime reads. The
 //! worker holding the I/O driver wakes for the byte as for any I/O, which
 //! does not count as finding work for others, and runs the relay task. That
 //! task wakes the queued wakers from inside the runtime, so they go to the
@@ -26,8 +26,8 @@
 //! relay's runtime has shut down, wakes fall back to direct ones too.
 
 use std::future::Future;
-use std::io::{ErrorKind, Write};
-use std::os::unix::net::UnixStream as StdUnixStream;
+use std::io::ErrorKind;
+use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -47,8 +47,10 @@ pub struct Relay {
 #[derive(Debug)]
 struct RelayShared {
     wakers: Mutex<Vec<Waker>>,
-    /// The writing end; the relay task holds the reading one.
-    signal: StdUnixStream,
+    /// The sending end; the relay task holds the receiving one. Datagrams,
+    /// not a stream: a send to a closed peer fails with an error instead
+    /// of raising `SIGPIPE`.
+    signal: StdUnixDatagram,
     /// False once the relay task is gone (its runtime shut down) or the
     /// socket failed: wakes are then direct.
     open: AtomicBool,
@@ -58,14 +60,15 @@ struct RelayShared {
 
 impl Relay {
     /// Starts a relay task on `handle`'s runtime.
+    ///
+    /// A runtime built without its I/O driver (`enable_io`) cannot poll the
+    /// socket: tokio panics when asked to. That happens inside the relay
+    /// task, which then closes the relay (tokio prints the panic once), and
+    /// its wakes are direct.
     pub fn start(handle: &tokio::runtime::Handle) -> std::io::Result<Relay> {
-        let (signal, read) = StdUnixStream::pair()?;
+        let (signal, read) = StdUnixDatagram::pair()?;
         signal.set_nonblocking(true)?;
         read.set_nonblocking(true)?;
-        let read = {
-            let _entered = handle.enter();
-            tokio::net::UnixStream::from_std(read)?
-        };
         let shared = Arc::new(RelayShared {
             wakers: Mutex::new(Vec::new()),
             signal,
@@ -80,14 +83,16 @@ impl Relay {
         let closed = CloseOnDrop(Arc::clone(&shared));
         handle.spawn(async move {
             let _closed = closed;
+            let Ok(read) = tokio::net::UnixDatagram::from_std(read) else {
+                return;
+            };
             let mut buf = [0u8; 64];
             loop {
                 if read.readable().await.is_err() {
                     return;
                 }
                 loop {
-                    match read.try_read(&mut buf) {
-                        Ok(0) => return,
+                    match read.try_recv(&mut buf) {
                         Ok(_) => {}
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -145,7 +150,7 @@ impl Relay {
             // being read, and the batch not yet taken).
             return;
         }
-        match (&self.shared.signal).write(&[1]) {
+        match self.shared.signal.send(&[1]) {
             Ok(_) => {}
             // Bytes are waiting to be read: the relay task will run anyway.
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -181,6 +186,9 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// Relays kept before the closed ones are forgotten.
+const MAX_RELAYS: usize = 64;
+
 /// One relay per tokio runtime that spawned tasks (a process normally has
 /// one), started on first use.
 #[derive(Debug, Default)]
@@ -189,14 +197,19 @@ pub struct Relays {
 }
 
 impl Relays {
-    /// The relay of `handle`'s runtime; `None` if it cannot be started (the
-    /// channel then wakes directly).
+    /// The relay of `handle`'s runtime; `None` if it cannot be started or
+    /// has closed (the channel then wakes directly). A runtime's relay is
+    /// started once: runtime ids are never reused, so a closed one means a
+    /// runtime that is shutting down or has no I/O driver.
     pub fn for_handle(&self, handle: &tokio::runtime::Handle) -> Option<Relay> {
         let id = handle.id();
         let mut relays = lock(&self.relays);
-        relays.retain(Relay::is_open);
         if let Some(r) = relays.iter().find(|r| r.runtime == id) {
-            return Some(r.clone());
+            return r.is_open().then(|| r.clone());
+        }
+        // Closed relays of runtimes long gone; the list stays short.
+        if relays.len() >= MAX_RELAYS {
+            relays.retain(Relay::is_open);
         }
         match Relay::start(handle) {
             Ok(r) => {
@@ -423,6 +436,31 @@ mod tests {
         }
         relay.wake(Waker::from(Arc::new(Flag(Arc::clone(&woken)))));
         assert!(woken.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_runtime_without_its_io_driver_gets_direct_wakes() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        let relays = Relays::default();
+        let got = rt.block_on(async {
+            let relay = relays.for_handle(&tokio::runtime::Handle::current());
+            let (tx, rx) = report_channel(relay);
+            tokio::spawn(async move {
+                send_later(tx, 5u8);
+                tokio::time::timeout(Duration::from_secs(10), rx).await
+            })
+            .await
+            .unwrap()
+        });
+        assert_eq!(got, Ok(Ok(5)));
+        // The relay task could not poll the socket and closed the relay; it
+        // is not started again for this runtime.
+        let handle = rt.handle().clone();
+        assert!(relays.for_handle(&handle).is_none());
     }
 
     #[test]
