@@ -362,21 +362,29 @@ mod tests {
         });
     }
 
+    /// Waits for `rx` in a task of `rt` while a plain thread sends `value`.
+    fn wait_in_a_task<T: Send + 'static>(
+        rt: &tokio::runtime::Runtime,
+        (tx, rx): (ReportSender<T>, ReportReceiver<T>),
+        value: T,
+    ) -> Option<Result<T, Closed>> {
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                send_later(tx, value);
+                tokio::time::timeout(Duration::from_secs(10), rx).await.ok()
+            })
+            .await
+            .unwrap()
+        })
+    }
+
     #[test]
     fn a_report_sent_from_another_thread_reaches_a_waiting_task_through_the_relay() {
         let rt = runtime();
         let relays = Relays::default();
         let relay = relays.for_handle(rt.handle()).unwrap();
-        let (tx, rx) = report_channel(Some(relay.clone()));
-        let got = rt.block_on(async move {
-            tokio::spawn(async move {
-                send_later(tx, 7u32);
-                tokio::time::timeout(Duration::from_secs(10), rx).await
-            })
-            .await
-            .unwrap()
-        });
-        assert_eq!(got, Ok(Ok(7)));
+        let got = wait_in_a_task(&rt, report_channel(Some(relay.clone())), 7u32);
+        assert_eq!(got, Some(Ok(7)));
         assert!(relay.is_open());
         // Woken by the relay task, not by the sending thread.
         assert_eq!(relay.relayed(), 1);
@@ -446,21 +454,12 @@ mod tests {
             .build()
             .unwrap();
         let relays = Relays::default();
-        let got = rt.block_on(async {
-            let relay = relays.for_handle(&tokio::runtime::Handle::current());
-            let (tx, rx) = report_channel(relay);
-            tokio::spawn(async move {
-                send_later(tx, 5u8);
-                tokio::time::timeout(Duration::from_secs(10), rx).await
-            })
-            .await
-            .unwrap()
-        });
-        assert_eq!(got, Ok(Ok(5)));
+        let relay = relays.for_handle(rt.handle());
+        let got = wait_in_a_task(&rt, report_channel(relay), 5u8);
+        assert_eq!(got, Some(Ok(5)));
         // The relay task could not poll the socket and closed the relay; it
         // is not started again for this runtime.
-        let handle = rt.handle().clone();
-        assert!(relays.for_handle(&handle).is_none());
+        assert!(relays.for_handle(rt.handle()).is_none());
     }
 
     #[test]
