@@ -7,8 +7,10 @@
 //! (tokio's guard against a lost wake-up, `transition_worker_from_searching`).
 //! With the pool's guests on every CPU the second worker finds nothing, but
 //! its wake-up still costs two context switches and an interrupt that takes
-//! a CPU from a guest: about 0.65 such wake-ups per trivial task
-//! (BENCHMARKS.md, part 5).
+//! a CPU from a guest: about 0.65 such wake-ups per trivial task in the
+//! runtime API (BENCHMARKS.md, part 5). With the relay the runtime API's
+//! wake-ups per task halved; through HTTP, where the workers are busy, they
+//! did not fall (BENCHMARKS.md, *This session*).
 //!
 //! A [`Relay`] avoids that. The guest thread queues the waiter's `Waker` and
 //! sends a byte to a socket that a tokio task of that runtime reads. The
@@ -29,7 +31,9 @@ use std::future::Future;
 use std::io::ErrorKind;
 use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(test)]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -54,7 +58,8 @@ struct RelayShared {
     /// False once the relay task is gone (its runtime shut down) or the
     /// socket failed: wakes are then direct.
     open: AtomicBool,
-    /// Wakers the relay task has woken.
+    /// Wakers the relay task has woken (for the tests).
+    #[cfg(test)]
     relayed: AtomicU64,
 }
 
@@ -73,6 +78,7 @@ impl Relay {
             wakers: Mutex::new(Vec::new()),
             signal,
             open: AtomicBool::new(true),
+            #[cfg(test)]
             relayed: AtomicU64::new(0),
         });
         let task_shared = Arc::clone(&shared);
@@ -102,6 +108,7 @@ impl Relay {
                 // Taken after the bytes are read: a waker queued after this
                 // comes with a byte of its own.
                 let batch = std::mem::take(&mut *lock(&task_shared.wakers));
+                #[cfg(test)]
                 task_shared
                     .relayed
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -146,7 +153,7 @@ impl Relay {
             first
         };
         if !first {
-            // The byte written for the first one is still to be read (or
+            // The byte sent for the first one is still to be read (or
             // being read, and the batch not yet taken).
             return;
         }
@@ -248,7 +255,7 @@ pub fn report_channel<T>(relay: Option<Relay>) -> (ReportSender<T>, ReportReceiv
     let runtime = relay.as_ref().map(Relay::runtime);
     (
         ReportSender {
-            slot: Arc::clone(&slot),
+            slot: Some(Arc::clone(&slot)),
             relay,
         },
         ReportReceiver { slot, runtime },
@@ -258,23 +265,31 @@ pub fn report_channel<T>(relay: Option<Relay>) -> (ReportSender<T>, ReportReceiv
 /// The sending half of [`report_channel`]; dropping it unsent ends the
 /// wait with [`Closed`].
 pub struct ReportSender<T> {
-    slot: Arc<Mutex<Slot<T>>>,
+    /// `None` once the value is sent (or the sender dropped).
+    slot: Option<Arc<Mutex<Slot<T>>>>,
     relay: Option<Relay>,
 }
 
 impl<T> ReportSender<T> {
     /// Delivers `value` (dropped if the receiver is gone).
-    pub fn send(self, value: T) {
-        let waker = {
-            let mut slot = lock(&self.slot);
-            slot.value = Some(value);
-            slot.waker.take()
-        };
-        self.wake(waker);
-        // `Drop` finds the value delivered and does nothing more.
+    pub fn send(mut self, value: T) {
+        self.finish(Some(value));
     }
 
-    fn wake(&self, waker: Option<(Waker, bool)>) {
+    /// Delivers `value`, or with `None` tells the receiver none will come,
+    /// and wakes it; the first call only.
+    fn finish(&mut self, value: Option<T>) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let waker = {
+            let mut slot = lock(&slot);
+            match value {
+                Some(v) => slot.value = Some(v),
+                None => slot.sender_gone = true,
+            }
+            slot.waker.take()
+        };
         match (waker, &self.relay) {
             (Some((waker, true)), Some(relay)) => relay.wake(waker),
             (Some((waker, _)), _) => waker.wake(),
@@ -285,15 +300,7 @@ impl<T> ReportSender<T> {
 
 impl<T> Drop for ReportSender<T> {
     fn drop(&mut self) {
-        let waker = {
-            let mut slot = lock(&self.slot);
-            if slot.value.is_some() {
-                return;
-            }
-            slot.sender_gone = true;
-            slot.waker.take()
-        };
-        self.wake(waker);
+        self.finish(None);
     }
 }
 
