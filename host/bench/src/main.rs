@@ -631,8 +631,9 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
          **calls** = fib({}) by naive recursion (almost all function entries); **mixed** = {} \
          rounds of formatting 1,000 pseudo-random words, sorting, deduplicating and counting \
          them in a `BTreeMap` (allocation, formatting, comparisons: calls and loops as ordinary \
-         plugin code has them). One guest at a time, {} rounds, each round running every variant once in turn (so a burst of noise \
-         from the shared machine does not fall on one variant's runs). Shown: the fastest run \
+         plugin code has them). One guest at a time, {} rounds, each round running every \
+         variant once in turn (so a burst of noise from the shared machine does not fall on one \
+         variant's runs). Shown: the fastest run \
          (the cost without interference), the median in brackets; ratios are of the fastest \
          runs, to the uninterrupted wasm run. Every run's checksum equals the native one.\n",
         stats::count(scale.loops as f64),
@@ -657,7 +658,8 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
         let n = match what {
             "loops" => scale.loops,
             "calls" => scale.fib,
-            _ => scale.mixed,
+            "mixed" => scale.mixed,
+            other => anyhow::bail!("part 3 has no size for workload {other}"),
         };
         expect.push((what, n, overhead::native(what, n)?.1));
     }
