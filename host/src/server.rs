@@ -88,6 +88,9 @@ pub struct RuntimeSection {
     pub memory_ceiling_bytes: Option<u64>,
     /// Pooling allocator (default true).
     pub pooling: Option<bool>,
+    /// Let the compiler inline small wasm functions (default false): faster
+    /// CPU-bound guests, slower first compiles.
+    pub compiler_inlining: Option<bool>,
     /// Bytes of stdout and of stderr kept per task (default 1 MiB).
     pub capture_limit_bytes: Option<usize>,
 }
@@ -189,6 +192,10 @@ pub async fn serve(args: ServeArgs) -> Result<ExitCode, CliError> {
             .memory_ceiling_bytes
             .unwrap_or(defaults.memory_ceiling),
         pooling: cfg.runtime.pooling.unwrap_or(defaults.pooling),
+        compiler_inlining: cfg
+            .runtime
+            .compiler_inlining
+            .unwrap_or(defaults.compiler_inlining),
         capture_limit: cfg
             .runtime
             .capture_limit_bytes
@@ -313,6 +320,7 @@ mod tests {
             default_max_memory_bytes = 1048576
             memory_ceiling_bytes = 2097152
             pooling = false
+            compiler_inlining = true
             capture_limit_bytes = 4096
             guest_priority = "low"
             "#,
@@ -321,6 +329,7 @@ mod tests {
         assert_eq!(c.max_running, Some(10));
         assert_eq!(c.shutdown.grace_ms, Some(2));
         assert_eq!(c.runtime.pooling, Some(false));
+        assert_eq!(c.runtime.compiler_inlining, Some(true));
         assert!(c.builtin_fixtures);
     }
 

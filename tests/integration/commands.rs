@@ -106,6 +106,58 @@ async fn cpu_burn_computes_what_native_code_computes() {
     assert_eq!(run(req).await.end, TaskEnd::Exited(1));
 }
 
+/// With the compiler's inlining on (`RuntimeConfig::compiler_inlining`), the
+/// same source still computes what native code computes, and its compiled
+/// form is cached under a key of its own: a runtime with the other setting
+/// never loads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiler_inlining_computes_the_same_and_is_cached_apart() {
+    let cache = tempfile::tempdir().unwrap();
+    let artifacts = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .collect();
+        v.sort();
+        v
+    };
+    let bytes = crate::support::fixture("cpu-burn");
+    let mut seen = Vec::new();
+    for inlining in [false, true, false] {
+        let rt = wasmtask_runtime::Runtime::new(wasmtask_runtime::RuntimeConfig {
+            max_concurrent: 4,
+            cache_dir: Some(cache.path().to_path_buf()),
+            compiler_inlining: inlining,
+            ..wasmtask_runtime::RuntimeConfig::default()
+        })
+        .unwrap();
+        assert_eq!(rt.config().compiler_inlining, inlining);
+        let plugin = rt.load_async(bytes.to_vec()).await.expect("loads");
+        for (what, n) in [("calls", 20u64), ("mixed", 3)] {
+            let mut req = request("cpu-burn", json!(null));
+            req.plugin = plugin.clone();
+            req.wasi.args = vec![what.into(), n.to_string()];
+            let report = rt.spawn(req).expect("spawn").wait().await;
+            assert_eq!(report.end, TaskEnd::Exited(0), "{what} inlining={inlining}");
+            assert_eq!(
+                String::from_utf8_lossy(&report.stdout.data).trim(),
+                work::run(what, n).unwrap().to_string(),
+                "{what} {n} inlining={inlining}"
+            );
+        }
+        seen.push(artifacts());
+    }
+    assert_eq!(seen[0].len(), 1, "{:?}", seen[0]);
+    assert_eq!(
+        seen[1].len(),
+        2,
+        "inlining shared the plain artifact: {:?}",
+        seen[1]
+    );
+    assert_eq!(seen[2], seen[1], "switching back compiled again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preview1_core_module_runs_as_a_command() {
     let plugin = crate::support::plugin("p1-command");

@@ -619,10 +619,17 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
     let bytes = wasmtask::builtin::find("cpu-burn")
         .context("no cpu-burn plugin")?
         .bytes;
-    let plain = overhead::Own::new(bytes, false)?;
-    let epochs = overhead::Own::new(bytes, true)?;
+    let plain = overhead::Own::new(bytes, false, false)?;
+    let epochs = overhead::Own::new(bytes, true, false)?;
+    let plain_inlined = overhead::Own::new(bytes, false, true)?;
     let rt = bench_runtime(16)?;
     let plugin = rt.load_async(bytes.to_vec()).await?;
+    let rt_inlined = Runtime::new(wasmtask_runtime::RuntimeConfig {
+        max_concurrent: 16,
+        compiler_inlining: true,
+        ..wasmtask_runtime::RuntimeConfig::default()
+    })?;
+    let plugin_inlined = rt_inlined.load_async(bytes.to_vec()).await?;
     let mut md = String::new();
     writeln!(md, "### 3. Interruption overhead on CPU-bound guest code\n")?;
     writeln!(
@@ -652,6 +659,11 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
         ("wasm, epoch interruption (2 ms tick, yield per tick)", 2),
         ("**wasmtask as shipped** (epochs + guest pool)", 3),
         ("wasmtask with fuel metering (+ epochs)", 4),
+        ("wasm, no interruption, compiler inlining", 5),
+        (
+            "wasmtask with `compiler_inlining = true` (epochs + guest pool + inlining)",
+            6,
+        ),
     ];
     let mut expect = Vec::new();
     for what in overhead::WORKLOADS {
@@ -673,7 +685,9 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
                     1 => plain.run(what, *n).await?,
                     2 => epochs.run(what, *n).await?,
                     3 => overhead::shipped(&rt, &plugin, what, *n, false).await?,
-                    _ => overhead::shipped(&rt, &plugin, what, *n, true).await?,
+                    4 => overhead::shipped(&rt, &plugin, what, *n, true).await?,
+                    5 => plain_inlined.run(what, *n).await?,
+                    _ => overhead::shipped(&rt_inlined, &plugin_inlined, what, *n, false).await?,
                 };
                 anyhow::ensure!(
                     sum == *expect,
@@ -705,5 +719,27 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
             .collect();
         writeln!(md, "| {label} | {} |", cells.join(" | "))?;
     }
+    // What epochs cost when both sides are compiled with inlining.
+    let with_inlining: Vec<String> = expect
+        .iter()
+        .enumerate()
+        .map(|(w, (what, _, _))| {
+            let b = fastest(5, w).as_secs_f64();
+            if b == 0.0 {
+                format!("{what} –")
+            } else {
+                format!(
+                    "{what} {:+.1}%",
+                    (fastest(6, w).as_secs_f64() / b - 1.0) * 100.0
+                )
+            }
+        })
+        .collect();
+    writeln!(
+        md,
+        "\nWith the compiler's inlining on both sides (opt-in, `runtime.compiler_inlining`), \
+         epochs as shipped cost (fastest runs, to the inlined uninterrupted run): {}.\n",
+        with_inlining.join(", ")
+    )?;
     Ok(md)
 }

@@ -45,7 +45,8 @@ fn wt(e: wasmtime::Error) -> anyhow::Error {
     anyhow!("{e:?}")
 }
 
-/// An engine with the product's settings, interruption as asked.
+/// An engine with the product's settings, interruption and the compiler's
+/// inlining as asked.
 pub struct Own {
     engine: Engine,
     linker: Linker<Host>,
@@ -55,12 +56,15 @@ pub struct Own {
 }
 
 impl Own {
-    pub fn new(bytes: &[u8], epochs: bool) -> anyhow::Result<Own> {
+    pub fn new(bytes: &[u8], epochs: bool, inlining: bool) -> anyhow::Result<Own> {
         let mut c = Config::new();
         c.epoch_interruption(epochs);
         c.max_wasm_stack(1 << 20);
         c.async_stack_size(2 << 20);
         c.concurrency_support(false);
+        if inlining {
+            c.compiler_inlining(wasmtime::Inlining::Yes);
+        }
         let engine = Engine::new(&c).map_err(wt)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wt)?;

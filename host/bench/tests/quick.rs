@@ -47,6 +47,19 @@ fn quick_mode_runs_every_part_and_writes_every_table() {
         md.contains("| variant | loops | ratio | calls | ratio | mixed | ratio |"),
         "{md}"
     );
+    assert!(
+        md.contains(
+            "| wasmtask with `compiler_inlining = true` (epochs + guest pool + inlining) |"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains(
+            "epochs as shipped cost (fastest runs, to the inlined uninterrupted run): loops "
+        ),
+        "{md}"
+    );
+    assert!(md.contains("With the compiler's inlining on"), "{md}");
     assert!(md.contains("**The machine's own stalls**"), "{md}");
     assert!(
         md.contains("pooling (as shipped)") || md.contains("pooling refused"),

@@ -81,6 +81,13 @@ pub struct RuntimeConfig {
     /// Where compiled components are cached across runs. Default: none
     /// (in-memory cache only).
     pub cache_dir: Option<PathBuf>,
+    /// Let Cranelift inline small wasm functions into their callers, within
+    /// a module and across a component's modules (`Inlining::Yes`). CPU-bound
+    /// guest code runs faster (BENCHMARKS.md, part 3: formatting and sorting
+    /// about a fifth faster), but the first compile of a plugin takes about
+    /// four times as long, and trap backtraces omit inlined frames. The
+    /// cache key covers it. Default `false`, as wasmtime's.
+    pub compiler_inlining: bool,
     /// Bytes of stdout and of stderr kept per task; more is counted and
     /// flagged as truncated. Default 1 MiB.
     pub capture_limit: usize,
@@ -104,6 +111,7 @@ impl Default for RuntimeConfig {
             max_tables: 100,
             max_memories: 100,
             cache_dir: None,
+            compiler_inlining: false,
             capture_limit: 1 << 20,
             caps: GuestCaps::default(),
         }
@@ -251,6 +259,9 @@ fn engine_config(cfg: &RuntimeConfig, fuel: bool, pooling: bool) -> Config {
     // WASI 0.2 guests do not use the component-model async ABI; turning it
     // off removes per-store bookkeeping (measured: +10% tasks/s).
     c.concurrency_support(false);
+    if cfg.compiler_inlining {
+        c.compiler_inlining(wasmtime::Inlining::Yes);
+    }
     if pooling {
         let n = u32::try_from(cfg.max_concurrent.max(1)).unwrap_or(u32::MAX);
         let mut p = PoolingAllocationConfig::new();
