@@ -82,11 +82,12 @@ pub struct RuntimeConfig {
     /// (in-memory cache only).
     pub cache_dir: Option<PathBuf>,
     /// Let Cranelift inline small wasm functions into their callers, within
-    /// a module and across a component's modules (`Inlining::Yes`). CPU-bound
-    /// guest code runs faster (BENCHMARKS.md, part 3: formatting and sorting
-    /// about a fifth faster), but the first compile of a plugin takes about
-    /// four times as long, and trap backtraces omit inlined frames. The
-    /// cache key covers it. Default `false`, as wasmtime's.
+    /// a module and across a component's modules (`Inlining::Yes`). Code
+    /// with many small calls runs faster (BENCHMARKS.md, part 3: formatting
+    /// and sorting 9–16% faster; recursion and plain loops unchanged), but
+    /// the first compile of a plugin takes about four times as long, and trap
+    /// backtraces omit inlined frames. The cache key covers it. Default
+    /// `false`, as wasmtime's.
     pub compiler_inlining: bool,
     /// Bytes of stdout and of stderr kept per task; more is counted and
     /// flagged as truncated. Default 1 MiB.
