@@ -12,6 +12,10 @@
 
 use anyhow::{Context, anyhow};
 
+#[path = "../src/overhead.rs"]
+#[allow(dead_code)]
+mod overhead;
+
 fn main() -> anyhow::Result<()> {
     let dir = std::path::PathBuf::from(
         std::env::args()
@@ -23,10 +27,7 @@ fn main() -> anyhow::Result<()> {
         .context("no cpu-burn plugin")?
         .bytes;
     for (epochs, name) in [(false, "plain.elf"), (true, "epochs.elf")] {
-        let mut config = wasmtime::Config::new();
-        config.epoch_interruption(epochs);
-        config.max_wasm_stack(1 << 20);
-        config.concurrency_support(false);
+        let config = overhead::config(epochs, false);
         let engine = wasmtime::Engine::new(&config).map_err(|e| anyhow!("{e:?}"))?;
         let elf = engine
             .precompile_component(bytes)

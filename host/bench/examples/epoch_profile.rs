@@ -10,31 +10,13 @@
 //! ```
 //!
 //! A fourth argument `inline` turns the compiler's inlining on. The engine
-//! has the benchmark's settings (`overhead::Own`), the ticker its 2 ms.
+//! is the benchmark's own (`overhead::Own`), with its 2 ms ticker.
 
-use anyhow::{Context, anyhow, bail};
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, UpdateDeadline};
-use wasmtime_wasi::p2::bindings::Command;
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use anyhow::{Context, bail};
 
-struct Host {
-    ctx: WasiCtx,
-    table: ResourceTable,
-}
-
-impl WasiView for Host {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.ctx,
-            table: &mut self.table,
-        }
-    }
-}
-
-fn wt(e: wasmtime::Error) -> anyhow::Error {
-    anyhow!("{e:?}")
-}
+#[path = "../src/overhead.rs"]
+#[allow(dead_code)]
+mod overhead;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
@@ -48,58 +30,16 @@ async fn main() -> anyhow::Result<()> {
         "epochs" => true,
         _ => bail!(USAGE),
     };
+    let n: u64 = n.parse().context(USAGE)?;
+    let inlining = args.get(3).is_some_and(|a| a == "inline");
     let bytes = wasmtask::builtin::find("cpu-burn")
         .context("no cpu-burn plugin")?
         .bytes;
-    let mut c = Config::new();
-    c.epoch_interruption(epochs);
-    c.max_wasm_stack(1 << 20);
-    c.concurrency_support(false);
-    c.profiler(wasmtime::ProfilingStrategy::PerfMap);
-    if args.get(3).is_some_and(|a| a == "inline") {
-        c.compiler_inlining(wasmtime::Inlining::Yes);
-    }
-    let engine = Engine::new(&c).map_err(wt)?;
-    let mut linker = Linker::new(&engine);
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wt)?;
-    let component = Component::new(&engine, bytes).map_err(wt)?;
-    if epochs {
-        let engine = engine.clone();
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-                engine.increment_epoch();
-            }
-        });
-    }
-    let ctx = WasiCtxBuilder::new()
-        .args(&["cpu-burn", what, n])
-        .inherit_stdout()
-        .build();
-    let mut store = Store::new(
-        &engine,
-        Host {
-            ctx,
-            table: ResourceTable::new(),
-        },
-    );
-    if epochs {
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(UpdateDeadline::Yield(1)));
-    }
-    let t0 = std::time::Instant::now();
-    let cmd = Command::instantiate_async(&mut store, &component, &linker)
-        .await
-        .map_err(wt)?;
-    if cmd
-        .wasi_cli_run()
-        .call_run(&mut store)
-        .await
-        .map_err(wt)?
-        .is_err()
-    {
-        bail!("cpu-burn failed");
-    }
-    eprintln!("ran in {:?}", t0.elapsed());
+    let mut config = overhead::config(epochs, inlining);
+    config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    let own = overhead::Own::with_config(bytes, &config, epochs)?;
+    let (took, printed) = own.run(what, n).await?;
+    println!("{printed}");
+    eprintln!("ran in {took:?}");
     Ok(())
 }

@@ -55,17 +55,29 @@ pub struct Own {
     stop: Arc<AtomicBool>,
 }
 
+/// The product's engine settings (`wasmtask_runtime`'s `engine_config`) but
+/// for the interruption knob and the compiler's inlining, as asked.
+pub fn config(epochs: bool, inlining: bool) -> Config {
+    let mut c = Config::new();
+    c.epoch_interruption(epochs);
+    c.max_wasm_stack(1 << 20);
+    c.async_stack_size(2 << 20);
+    c.concurrency_support(false);
+    if inlining {
+        c.compiler_inlining(wasmtime::Inlining::Yes);
+    }
+    c
+}
+
 impl Own {
     pub fn new(bytes: &[u8], epochs: bool, inlining: bool) -> anyhow::Result<Own> {
-        let mut c = Config::new();
-        c.epoch_interruption(epochs);
-        c.max_wasm_stack(1 << 20);
-        c.async_stack_size(2 << 20);
-        c.concurrency_support(false);
-        if inlining {
-            c.compiler_inlining(wasmtime::Inlining::Yes);
-        }
-        let engine = Engine::new(&c).map_err(wt)?;
+        Own::with_config(bytes, &config(epochs, inlining), epochs)
+    }
+
+    /// An engine of `c`, whose epoch interruption is `epochs` (with the
+    /// product's 2 ms ticker when on).
+    pub fn with_config(bytes: &[u8], c: &Config, epochs: bool) -> anyhow::Result<Own> {
+        let engine = Engine::new(c).map_err(wt)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(wt)?;
         let component = Component::new(&engine, bytes).map_err(wt)?;
