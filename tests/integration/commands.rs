@@ -156,6 +156,38 @@ async fn compiler_inlining_computes_the_same_and_is_cached_apart() {
         seen[1]
     );
     assert_eq!(seen[2], seen[1], "switching back compiled again");
+
+    // Inlined code is still metered and still stoppable: fuel runs out, and
+    // a spinning guest is cancelled.
+    let rt = wasmtask_runtime::Runtime::new(wasmtask_runtime::RuntimeConfig {
+        max_concurrent: 4,
+        compiler_inlining: true,
+        ..wasmtask_runtime::RuntimeConfig::default()
+    })
+    .unwrap();
+    let mut req = request("cpu-burn", json!(null));
+    req.plugin = rt.load_async(bytes.to_vec()).await.expect("loads");
+    req.wasi.args = vec!["calls".into(), "30".into()];
+    req.limits.fuel = Some(1_000_000);
+    let report = rt.spawn(req).expect("spawn").wait().await;
+    let TaskEnd::LimitExceeded(hit) = &report.end else {
+        panic!("{:?}", report.end)
+    };
+    assert_eq!(hit.kind, wasmtask_runtime::LimitKind::Fuel);
+    let mut req = request("spin-loop", json!(null));
+    req.plugin = rt
+        .load_async(crate::support::fixture("spin-loop").to_vec())
+        .await
+        .expect("loads");
+    let task = rt.spawn(req).expect("spawn");
+    task.started().await;
+    task.cancel_handle()
+        .cancel("inlined", std::time::Duration::ZERO);
+    let report = tokio::time::timeout(std::time::Duration::from_secs(30), task.wait())
+        .await
+        .expect("the inlined spinning guest did not stop");
+    assert_eq!(report.end, TaskEnd::Cancelled, "{:?}", report.end);
+    assert!(report.cancel.expect("cancel recorded").forced);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
