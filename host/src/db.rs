@@ -472,8 +472,6 @@ struct Inner {
     instance: String,
     /// Dropping it stops the checkpointer thread.
     _checkpointer: std::sync::mpsc::Sender<()>,
-    /// How the writer's replies wake their callers.
-    relays: wasmtask_runtime::wake::Relays,
 }
 
 impl std::fmt::Debug for Db {
@@ -530,7 +528,6 @@ impl Db {
         Ok(Db {
             inner: Arc::new(Inner {
                 _checkpointer: checkpointer,
-                relays: wasmtask_runtime::wake::Relays::default(),
                 writer: sender,
                 stats,
                 last_seq,
@@ -860,7 +857,7 @@ impl Db {
     {
         let relay = tokio::runtime::Handle::try_current()
             .ok()
-            .and_then(|h| self.inner.relays.for_handle(&h));
+            .and_then(|h| wasmtask_runtime::wake::relay_for(&h));
         let (reply, response) = wasmtask_runtime::wake::report_channel(relay);
         self.inner
             .writer

@@ -223,8 +223,6 @@ pub(crate) struct RuntimeInner {
     pub engines: EngineSet,
     pub config: RuntimeConfig,
     pub pool: GuestPool,
-    /// How reports reach their waiters from the guest threads (`wake.rs`).
-    pub relays: crate::wake::Relays,
     pub admission: Arc<Semaphore>,
     /// Digest → its compiled plugin, behind a per-digest lock so that a
     /// burst of first uses compiles once (the others wait for it) instead of
@@ -470,7 +468,6 @@ impl Runtime {
             cache: Mutex::new(HashMap::new()),
             stop_ticker: Arc::clone(&stop_ticker),
             ticker_realtime: AtomicBool::new(false),
-            relays: crate::wake::Relays::default(),
             config,
         });
         let realtime = spawn_ticker(Arc::downgrade(&inner), stop_ticker)?;

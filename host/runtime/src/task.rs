@@ -253,7 +253,7 @@ impl Runtime {
         );
         // The report goes from a guest thread to the waiter through the
         // runtime's I/O driver (`wake.rs`): one wake-up instead of two.
-        let (tx, report) = crate::wake::report_channel(self.inner.relays.for_handle(&handle));
+        let (tx, report) = crate::wake::report_channel(crate::wake::relay_for(&handle));
         self.inner
             .pool
             .spawn(handle, Arc::clone(cancel.urgent()), async move {

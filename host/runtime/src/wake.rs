@@ -10,7 +10,7 @@
 //! a CPU from a guest: about 0.65 such wake-ups per trivial task in the
 //! runtime API (BENCHMARKS.md, part 5). With the relay the runtime API's
 //! wake-ups per task halved; through HTTP, where the workers are busy, they
-//! did not fall (BENCHMARKS.md, *This session*).
+//! did not fall (BENCHMARKS.md, the wake relay in *The session before*).
 //!
 //! A [`Relay`] avoids that. The guest thread queues the waiter's `Waker` and
 //! sends a byte to a socket that a tokio task of that runtime reads. The
@@ -22,10 +22,13 @@
 //!
 //! [`report_channel`] is the one-shot channel a task's report travels on
 //! (and the host's SQLite writer replies on: one commit's replies then reach
-//! the runtime as one I/O event). Its receiver uses the relay only when it
-//! is polled inside the relay's runtime; anywhere else (another runtime, a thread blocking on the
-//! future) the sender wakes it directly, as a plain channel would. If the
-//! relay's runtime has shut down, wakes fall back to direct ones too.
+//! the runtime as one I/O event). Every sender in the process that wakes
+//! tasks of one tokio runtime shares that runtime's relay ([`relay_for`]),
+//! so reports and replies sent together are relayed together. The receiver
+//! uses the relay only when it is polled inside the relay's runtime;
+//! anywhere else (another runtime, a thread blocking on the future) the
+//! sender wakes it directly, as a plain channel would. If the relay's
+//! runtime has shut down, wakes fall back to direct ones too.
 
 use std::future::Future;
 use std::io::ErrorKind;
@@ -70,7 +73,7 @@ impl Relay {
     /// socket: tokio panics when asked to. That happens inside the relay
     /// task, which then closes the relay (tokio prints the panic once), and
     /// its wakes are direct.
-    pub fn start(handle: &tokio::runtime::Handle) -> std::io::Result<Relay> {
+    fn start(handle: &tokio::runtime::Handle) -> std::io::Result<Relay> {
         let (signal, read) = StdUnixDatagram::pair()?;
         signal.set_nonblocking(true)?;
         read.set_nonblocking(true)?;
@@ -124,7 +127,7 @@ impl Relay {
     }
 
     /// The runtime whose tasks this relay wakes.
-    pub fn runtime(&self) -> tokio::runtime::Id {
+    fn runtime(&self) -> tokio::runtime::Id {
         self.runtime
     }
 
@@ -141,7 +144,7 @@ impl Relay {
 
     /// Wakes `waker` from inside the relay's runtime (directly, if the relay
     /// is closed).
-    pub fn wake(&self, waker: Waker) {
+    fn wake(&self, waker: Waker) {
         if !self.is_open() {
             waker.wake();
             return;
@@ -199,8 +202,19 @@ const MAX_RELAYS: usize = 64;
 /// One relay per tokio runtime that spawned tasks (a process normally has
 /// one), started on first use.
 #[derive(Debug, Default)]
-pub struct Relays {
+struct Relays {
     relays: Mutex<Vec<Relay>>,
+}
+
+/// The process's relays.
+static RELAYS: Relays = Relays {
+    relays: Mutex::new(Vec::new()),
+};
+
+/// The relay of `handle`'s runtime, shared by every sender in the process
+/// (see [`Relays::for_handle`]).
+pub fn relay_for(handle: &tokio::runtime::Handle) -> Option<Relay> {
+    RELAYS.for_handle(handle)
 }
 
 impl Relays {
@@ -208,7 +222,7 @@ impl Relays {
     /// has closed (the channel then wakes directly). A runtime's relay is
     /// started once: runtime ids are never reused, so a closed one means a
     /// runtime that is shutting down or has no I/O driver.
-    pub fn for_handle(&self, handle: &tokio::runtime::Handle) -> Option<Relay> {
+    fn for_handle(&self, handle: &tokio::runtime::Handle) -> Option<Relay> {
         let id = handle.id();
         let mut relays = lock(&self.relays);
         if let Some(r) = relays.iter().find(|r| r.runtime == id) {
@@ -398,6 +412,12 @@ mod tests {
         // The runtime's relay is reused, not started again.
         let again = relays.for_handle(rt.handle()).unwrap();
         assert!(Arc::ptr_eq(&again.shared, &relay.shared));
+        // The process-wide one too: every sender shares it.
+        let shared = relay_for(rt.handle()).unwrap();
+        assert!(Arc::ptr_eq(
+            &relay_for(rt.handle()).unwrap().shared,
+            &shared.shared
+        ));
     }
 
     #[test]
