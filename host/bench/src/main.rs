@@ -653,16 +653,36 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
         "| variant | loops | ratio | calls | ratio | mixed | ratio |"
     )?;
     writeln!(md, "|---|---:|---:|---:|---:|---:|---:|")?;
+    /// Part 3's rows; the discriminant indexes `times`.
+    #[derive(Clone, Copy)]
+    enum Variant {
+        Native,
+        Plain,
+        Epochs,
+        Shipped,
+        Fuel,
+        PlainInlined,
+        ShippedInlined,
+    }
     let variants = [
-        ("native Rust (same source, opt-level 3)", 0),
-        ("wasm, no interruption", 1),
-        ("wasm, epoch interruption (2 ms tick, yield per tick)", 2),
-        ("**wasmtask as shipped** (epochs + guest pool)", 3),
-        ("wasmtask with fuel metering (+ epochs)", 4),
-        ("wasm, no interruption, compiler inlining", 5),
+        ("native Rust (same source, opt-level 3)", Variant::Native),
+        ("wasm, no interruption", Variant::Plain),
+        (
+            "wasm, epoch interruption (2 ms tick, yield per tick)",
+            Variant::Epochs,
+        ),
+        (
+            "**wasmtask as shipped** (epochs + guest pool)",
+            Variant::Shipped,
+        ),
+        ("wasmtask with fuel metering (+ epochs)", Variant::Fuel),
+        (
+            "wasm, no interruption, compiler inlining",
+            Variant::PlainInlined,
+        ),
         (
             "wasmtask with `compiler_inlining = true` (epochs + guest pool + inlining)",
-            6,
+            Variant::ShippedInlined,
         ),
     ];
     let mut expect = Vec::new();
@@ -678,36 +698,44 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
     // times[variant][workload]
     let mut times = vec![vec![Vec::new(); expect.len()]; variants.len()];
     for _ in 0..scale.reps {
-        for (v, (label, variant)) in variants.iter().enumerate() {
+        for (label, variant) in &variants {
             for (w, (what, n, expect)) in expect.iter().enumerate() {
                 let (t, sum) = match variant {
-                    0 => overhead::native(what, *n)?,
-                    1 => plain.run(what, *n).await?,
-                    2 => epochs.run(what, *n).await?,
-                    3 => overhead::shipped(&rt, &plugin, what, *n, false).await?,
-                    4 => overhead::shipped(&rt, &plugin, what, *n, true).await?,
-                    5 => plain_inlined.run(what, *n).await?,
-                    _ => overhead::shipped(&rt_inlined, &plugin_inlined, what, *n, false).await?,
+                    Variant::Native => overhead::native(what, *n)?,
+                    Variant::Plain => plain.run(what, *n).await?,
+                    Variant::Epochs => epochs.run(what, *n).await?,
+                    Variant::Shipped => overhead::shipped(&rt, &plugin, what, *n, false).await?,
+                    Variant::Fuel => overhead::shipped(&rt, &plugin, what, *n, true).await?,
+                    Variant::PlainInlined => plain_inlined.run(what, *n).await?,
+                    Variant::ShippedInlined => {
+                        overhead::shipped(&rt_inlined, &plugin_inlined, what, *n, false).await?
+                    }
                 };
                 anyhow::ensure!(
                     sum == *expect,
                     "{label} {what}: checksum {sum}, native {expect}"
                 );
-                times[v][w].push(t);
+                times[*variant as usize][w].push(t);
             }
         }
     }
-    let fastest = |v: usize, w: usize| times[v][w].iter().min().copied().unwrap_or_default();
-    for (v, (label, _)) in variants.iter().enumerate() {
+    let fastest = |v: Variant, w: usize| {
+        times[v as usize][w]
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or_default()
+    };
+    for &(label, v) in &variants {
         let cell = |w: usize| {
             format!(
                 "{} ({})",
                 dur(fastest(v, w)),
-                dur(overhead::median(times[v][w].clone()))
+                dur(overhead::median(times[v as usize][w].clone()))
             )
         };
         let ratio = |w: usize| {
-            let b = fastest(1, w).as_secs_f64();
+            let b = fastest(Variant::Plain, w).as_secs_f64();
             if b == 0.0 {
                 "–".to_owned()
             } else {
@@ -724,13 +752,13 @@ async fn part3(scale: &Scale) -> anyhow::Result<String> {
         .iter()
         .enumerate()
         .map(|(w, (what, _, _))| {
-            let b = fastest(5, w).as_secs_f64();
+            let b = fastest(Variant::PlainInlined, w).as_secs_f64();
             if b == 0.0 {
                 format!("{what} –")
             } else {
                 format!(
                     "{what} {:+.1}%",
-                    (fastest(6, w).as_secs_f64() / b - 1.0) * 100.0
+                    (fastest(Variant::ShippedInlined, w).as_secs_f64() / b - 1.0) * 100.0
                 )
             }
         })
