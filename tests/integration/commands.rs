@@ -179,13 +179,18 @@ async fn compiler_inlining_computes_the_same_and_is_cached_apart() {
         .load_async(crate::support::fixture("spin-loop").to_vec())
         .await
         .expect("loads");
-    let task = rt.spawn(req).expect("spawn");
+    force_stop(rt.spawn(req).expect("spawn")).await;
+}
+
+/// Cancels `task` with no grace once it runs, and checks that the cancel
+/// stopped it by force.
+async fn force_stop(task: wasmtask_runtime::RunningTask) {
     task.started().await;
     task.cancel_handle()
-        .cancel("inlined", std::time::Duration::ZERO);
-    let report = tokio::time::timeout(std::time::Duration::from_secs(30), task.wait())
+        .cancel("test", std::time::Duration::ZERO);
+    let report = tokio::time::timeout(std::time::Duration::from_secs(60), task.wait())
         .await
-        .expect("the inlined spinning guest did not stop");
+        .expect("the guest did not stop");
     assert_eq!(report.end, TaskEnd::Cancelled, "{:?}", report.end);
     assert!(report.cancel.expect("cancel recorded").forced);
 }
@@ -240,15 +245,7 @@ async fn a_preview1_module_gets_the_same_sandbox_and_cancel() {
     // A spinning core module is stopped by a cancel (epoch trap).
     let mut req = request("p1-command", json!(null));
     req.wasi.env = vec![("SPIN".into(), "1".into())];
-    let task = crate::support::spawn(req);
-    task.started().await;
-    task.cancel_handle()
-        .cancel("test", std::time::Duration::ZERO);
-    let report = tokio::time::timeout(std::time::Duration::from_secs(60), task.wait())
-        .await
-        .expect("stopped");
-    assert_eq!(report.end, TaskEnd::Cancelled);
-    assert!(report.cancel.unwrap().forced);
+    force_stop(crate::support::spawn(req)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
